@@ -1,0 +1,243 @@
+"""Typed configs for the shared block stack and the model families, plus named presets.
+
+A config is a frozen, keyword-only dataclass. Derived fields are filled in and every value is
+checked in ``__post_init__``; a bad value raises :class:`~triform.errors.ConfigError` naming the
+field. Configs round-trip through plain JSON-compatible dicts (``to_dict`` / ``from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from triform.errors import ConfigError
+
+FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+NormKind = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
+AttentionBackend = Literal["reference", "sdpa"]
+
+
+def _check_literal(owner: str, name: str, value: Any, kind: Any) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise ConfigError(f"{owner}.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}.")
+
+
+def _check_positive(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{owner}.{name} must be a positive integer, got {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    """The shared transformer stack: width, depth, attention heads, FFN, norm and positions.
+
+    ``n_kv_heads`` below ``n_heads`` gives grouped-query attention (1 gives multi-query);
+    ``head_dim`` defaults to ``d_model // n_heads`` and ``d_ff`` to 4·d (GELU/ReLU) or the
+    Llama rule 8/3·d rounded up to a multiple of 64 (gated FFNs).
+    """
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn: FFNKind = "gelu"
+    d_ff: int | None = None
+    norm: NormKind = "layernorm"
+    norm_eps: float = 1e-5
+    norm_placement: NormPlacement = "pre"
+    position: PositionKind = "learned"
+    rope_theta: float = 10000.0
+    max_seq_len: int = 1024
+    sliding_window: int | None = None
+    dropout: float = 0.0
+    bias: bool = True
+    attention: AttentionBackend = "sdpa"
+
+    def __post_init__(self) -> None:
+        owner = "model"
+        for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+            _check_positive(owner, name, getattr(self, name))
+        n_kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+        _check_positive(owner, "n_kv_heads", n_kv)
+        if self.n_heads % n_kv:
+            raise ConfigError(f"{owner}.n_kv_heads ({n_kv}) must divide n_heads ({self.n_heads}).")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(f"{owner}.n_heads ({self.n_heads}) must divide d_model ({self.d_model}).")
+        head_dim = self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+        _check_positive(owner, "head_dim", head_dim)
+        _check_literal(owner, "ffn", self.ffn, FFNKind)
+        _check_literal(owner, "norm", self.norm, NormKind)
+        _check_literal(owner, "norm_placement", self.norm_placement, NormPlacement)
+        _check_literal(owner, "position", self.position, PositionKind)
+        _check_literal(owner, "attention", self.attention, AttentionBackend)
+        if self.position == "rope" and head_dim % 2:
+            raise ConfigError(f"{owner}.head_dim must be even for RoPE, got {head_dim}.")
+        if self.d_ff is None:
+            if self.ffn in ("swiglu", "geglu"):
+                d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+            else:
+                d_ff = 4 * self.d_model
+        else:
+            d_ff = self.d_ff
+        _check_positive(owner, "d_ff", d_ff)
+        if self.sliding_window is not None:
+            _check_positive(owner, "sliding_window", self.sliding_window)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{owner}.dropout must be in [0, 1), got {self.dropout!r}.")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"{owner}.norm_eps must be positive, got {self.norm_eps!r}.")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"{owner}.rope_theta must be positive, got {self.rope_theta!r}.")
+        object.__setattr__(self, "n_kv_heads", n_kv)
+        object.__setattr__(self, "head_dim", head_dim)
+        object.__setattr__(self, "d_ff", d_ff)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """A decoder-only language model: the shared stack plus vocabulary and output tying."""
+
+    stack: StackConfig
+    vocab_size: int
+    tie_embeddings: bool = True
+    family: str = "decoder"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stack, dict):
+            object.__setattr__(self, "stack", StackConfig(**self.stack))
+        _check_positive("model", "vocab_size", self.vocab_size)
+
+    def replace(self, **changes: Any) -> DecoderConfig:
+        """A copy with top-level fields and/or stack fields (by name) replaced."""
+        stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
+        stack_changes = {k: v for k, v in changes.items() if k in stack_fields}
+        top = {k: v for k, v in changes.items() if k not in stack_fields}
+        unknown = set(top) - {f.name for f in dataclasses.fields(DecoderConfig)}
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}.")
+        stack = dataclasses.replace(self.stack, **_raw_stack(self.stack, stack_changes))
+        return dataclasses.replace(self, stack=stack, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict that :meth:`from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
+        """Build a config from :meth:`to_dict` output, with a clear error on unknown or bad fields."""
+        if not isinstance(data, dict) or "stack" not in data:
+            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
+        try:
+            stack = StackConfig(**data["stack"])
+            rest = {k: v for k, v in data.items() if k != "stack"}
+            return cls(stack=stack, **rest)
+        except TypeError as exc:
+            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+def _raw_stack(stack: StackConfig, changes: dict[str, Any]) -> dict[str, Any]:
+    """Stack field changes, re-deriving head_dim/d_ff when their inputs change and they were derived."""
+    out = dict(changes)
+    if "head_dim" not in out and ("d_model" in out or "n_heads" in out):
+        if stack.head_dim == stack.d_model // stack.n_heads:
+            out["head_dim"] = None
+    if "n_kv_heads" not in out and "n_heads" in out and stack.n_kv_heads == stack.n_heads:
+        out["n_kv_heads"] = None
+    if "d_ff" not in out and ("d_model" in out or "ffn" in out):
+        out["d_ff"] = None
+    return out
+
+
+def _gpt2(d: int, layers: int, heads: int, ctx: int, vocab: int = 50257) -> DecoderConfig:
+    stack = StackConfig(
+        d_model=d, n_layers=layers, n_heads=heads, ffn="gelu_tanh", norm="layernorm",
+        position="learned", max_seq_len=ctx, bias=True,
+    )
+    return DecoderConfig(stack=stack, vocab_size=vocab, tie_embeddings=True, family="gpt2")
+
+
+def _llama(
+    d: int, layers: int, heads: int, kv: int, ff: int, ctx: int, vocab: int, *,
+    theta: float = 10000.0, window: int | None = None, tie: bool = False, eps: float = 1e-5,
+    family: str = "llama",
+) -> DecoderConfig:
+    stack = StackConfig(
+        d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn="swiglu", d_ff=ff,
+        norm="rmsnorm", norm_eps=eps, position="rope", rope_theta=theta, max_seq_len=ctx,
+        sliding_window=window, bias=False,
+    )
+    return DecoderConfig(stack=stack, vocab_size=vocab, tie_embeddings=tie, family=family)
+
+
+BYTE_VOCAB = 256 + 8  # 256 byte values + named specials (see triform.tokenizers.byte), rounded to 8
+
+
+def _shakespeare() -> DecoderConfig:
+    stack = StackConfig(
+        d_model=256, n_layers=6, n_heads=4, ffn="swiglu", norm="rmsnorm",
+        position="rope", max_seq_len=256, bias=False,
+    )
+    return DecoderConfig(stack=stack, vocab_size=BYTE_VOCAB, tie_embeddings=True, family="llama")
+
+
+PRESETS: dict[str, DecoderConfig] = {
+    "shakespeare": _shakespeare(),
+    "gpt2": _gpt2(768, 12, 12, 1024),
+    "gpt2-medium": _gpt2(1024, 24, 16, 1024),
+    "llama2-7b": _llama(4096, 32, 32, 32, 11008, 4096, 32000, eps=1e-5),
+    "llama3-8b": _llama(4096, 32, 32, 8, 14336, 8192, 128256, theta=500000.0),
+    "mistral-7b": _llama(4096, 32, 32, 8, 14336, 32768, 32000, window=4096, theta=1e6, family="mistral"),
+    "smollm2-135m": _llama(576, 30, 9, 3, 1536, 8192, 49152, theta=100000.0, tie=True),
+}
+PRESETS.update({
+    "shakespeare-tiny": PRESETS["shakespeare"].replace(d_model=64, n_layers=2, n_heads=4, max_seq_len=64),
+    "gpt2-tiny": _gpt2(64, 2, 4, 128, vocab=BYTE_VOCAB),
+    "gpt2-medium-tiny": _gpt2(64, 3, 4, 128, vocab=BYTE_VOCAB),
+    "llama2-7b-tiny": _llama(64, 2, 4, 4, 176, 128, BYTE_VOCAB),
+    "llama3-8b-tiny": _llama(64, 2, 4, 2, 176, 128, BYTE_VOCAB, theta=500000.0),
+    "mistral-7b-tiny": _llama(64, 2, 4, 2, 176, 128, BYTE_VOCAB, window=16, family="mistral"),
+    "smollm2-135m-tiny": _llama(48, 2, 3, 1, 128, 128, BYTE_VOCAB, theta=100000.0, tie=True),
+})
+
+
+def get_preset(name: str) -> DecoderConfig:
+    """The preset called exactly ``name``; an unknown name raises ConfigError listing the choices."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.") from None
+
+
+def count_parameters(cfg: DecoderConfig) -> int:
+    """Number of trainable parameters of a ``DecoderLM`` built from ``cfg``, computed analytically."""
+    s = cfg.stack
+    assert s.n_kv_heads is not None and s.head_dim is not None and s.d_ff is not None
+    d, hd = s.d_model, s.head_dim
+    b = 1 if s.bias else 0
+    q_out, kv_out = s.n_heads * hd, 2 * s.n_kv_heads * hd
+    attn = d * (q_out + kv_out) + b * (q_out + kv_out) + q_out * d + b * d
+    if s.ffn in ("swiglu", "geglu"):
+        ffn = 3 * d * s.d_ff + b * (2 * s.d_ff + d)
+    else:
+        ffn = 2 * d * s.d_ff + b * (s.d_ff + d)
+    norm = d * (2 if s.norm == "layernorm" else 1)
+    block = attn + ffn + 2 * norm
+    total = s.n_layers * block + cfg.vocab_size * d
+    if s.norm_placement == "pre":
+        total += norm  # final norm
+    if s.position == "learned":
+        total += s.max_seq_len * d
+    if not cfg.tie_embeddings:
+        total += cfg.vocab_size * d
+    return total
+
+
+__all__ = [
+    "StackConfig", "DecoderConfig", "PRESETS", "get_preset", "count_parameters", "BYTE_VOCAB",
+]

@@ -1,0 +1,78 @@
+"""Multi-head attention with separate query and key/value head counts (MHA, GQA, MQA), self or cross."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from triform.config import StackConfig
+from triform.layers.kernels import BACKENDS
+from triform.layers.position import RotaryEmbedding
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward pass shares, computed once by the model.
+
+    ``rope`` holds (cos, sin) tables for the query positions, ``mask`` is boolean
+    (B|1, 1, Tq, Tk) or None, ``bias`` additive (B|1, H, Tq, Tk) or None, ``cache`` an object
+    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache).
+    """
+
+    mask: Tensor | None = None
+    is_causal: bool = False
+    bias: Tensor | None = None
+    rope: tuple[Tensor, Tensor] | None = None
+    cache: object | None = None
+
+
+class Attention(nn.Module):
+    """Scaled dot-product attention over ``n_heads`` query heads sharing ``n_kv_heads`` key/value heads.
+
+    Self-attention uses one fused q/k/v projection (a single matmul); cross-attention projects
+    queries from ``x`` and keys/values from ``memory``.
+    """
+
+    def __init__(self, cfg: StackConfig, layer_idx: int, *, cross: bool = False) -> None:
+        super().__init__()
+        assert cfg.head_dim is not None and cfg.n_kv_heads is not None
+        self.layer_idx = layer_idx
+        self.cross = cross
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        if cross:
+            self.q = nn.Linear(cfg.d_model, q_out, bias=cfg.bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * kv_out, bias=cfg.bias)
+        else:
+            self.qkv = nn.Linear(cfg.d_model, q_out + 2 * kv_out, bias=cfg.bias)
+        self.o = nn.Linear(q_out, cfg.d_model, bias=cfg.bias)
+        self.dropout_p = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.kernel = BACKENDS[cfg.attention]
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, Dh)
+
+    def forward(self, x: Tensor, inputs: AttentionInputs, memory: Tensor | None = None) -> Tensor:
+        b, t, _ = x.shape
+        if self.cross:
+            assert memory is not None, "cross-attention needs encoder memory"
+            q = self._heads(self.q(x), self.n_heads)
+            k, v = (self._heads(z, self.n_kv_heads) for z in self.kv(memory).chunk(2, dim=-1))
+        else:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv(x).split((q_out, kv_out, kv_out), dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if inputs.rope is not None:
+                cos, sin = inputs.rope
+                q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+            if inputs.cache is not None:
+                k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, Dh)
+        y = self.kernel(
+            q, k, v, mask=inputs.mask, bias=inputs.bias, is_causal=inputs.is_causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=None,
+        )  # (B, Hq, Tq, Dh)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.o(y))

@@ -1,0 +1,43 @@
+"""The residual block every family shares: norm + self-attention (+ cross-attention) + FFN."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from triform.config import StackConfig
+from triform.layers.attention import Attention, AttentionInputs
+from triform.layers.feedforward import FeedForward
+from triform.layers.norm import make_norm
+
+
+class Block(nn.Module):
+    """One transformer layer, pre-norm (GPT-2, Llama) or post-norm (original Transformer, BERT).
+
+    pre:  x = x + attn(norm(x));  x = x + ffn(norm(x))
+    post: x = norm(x + attn(x));  x = norm(x + ffn(x))
+    """
+
+    def __init__(self, cfg: StackConfig, layer_idx: int, *, cross_attention: bool = False) -> None:
+        super().__init__()
+        self.pre = cfg.norm_placement == "pre"
+        self.attn = Attention(cfg, layer_idx)
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.cross_attn: Attention | None = None
+        if cross_attention:
+            self.cross_attn = Attention(cfg, layer_idx, cross=True)
+            self.cross_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+
+    def _residual(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
+        return x + fn(norm(x)) if self.pre else norm(x + fn(x))
+
+    def forward(
+        self, x: Tensor, inputs: AttentionInputs, *,
+        memory: Tensor | None = None, memory_inputs: AttentionInputs | None = None,
+    ) -> Tensor:
+        x = self._residual(x, self.attn_norm, lambda h: self.attn(h, inputs))
+        if self.cross_attn is not None:
+            assert memory_inputs is not None
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory))
+        return self._residual(x, self.ffn_norm, self.ffn)

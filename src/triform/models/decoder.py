@@ -1,0 +1,136 @@
+"""DecoderLM: a decoder-only language model whose config alone gives GPT-2, Llama or Mistral shapes.
+
+tokens (B, T) -> embeddings (+ absolute positions) -> N causal blocks -> final norm -> logits (B, T, V)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from triform.config import DecoderConfig
+from triform.inference.cache import ContiguousKVCache, KVCache, RollingKVCache
+from triform.layers.attention import AttentionInputs
+from triform.layers.block import Block
+from triform.layers.masks import decoder_mask, materialize, positions_from_padding
+from triform.layers.norm import make_norm
+from triform.layers.position import ALiBi, LearnedPositions, RotaryEmbedding, SinusoidalPositions
+
+
+class DecoderLM(nn.Module):
+    """A causal language model built from the shared block stack.
+
+    ``forward(tokens, attention_mask=None, positions=None, cache=None, last_only=False)`` returns
+    logits. ``attention_mask`` (B, T) marks real tokens (False for left padding); ``positions`` may be
+    given explicitly (decode steps), otherwise they count from the cache's length.
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.stack
+        self.tok_emb = nn.Embedding(cfg.vocab_size, s.d_model)
+        self.abs_pos: nn.Module | None = None
+        if s.position == "learned":
+            self.abs_pos = LearnedPositions(s.max_seq_len, s.d_model)
+        elif s.position == "sinusoidal":
+            self.abs_pos = SinusoidalPositions(s.max_seq_len, s.d_model)
+        assert s.head_dim is not None
+        self.rope = RotaryEmbedding(s.head_dim, s.max_seq_len, s.rope_theta) if s.position == "rope" else None
+        self.alibi = ALiBi(s.n_heads) if s.position == "alibi" else None
+        self.drop = nn.Dropout(s.dropout)
+        self.blocks = nn.ModuleList(Block(s, i) for i in range(s.n_layers))
+        self.norm = make_norm(s.norm, s.d_model, s.norm_eps, s.bias) if s.norm_placement == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(s.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.mask_fn = decoder_mask(s.sliding_window)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), output projections scaled by 1/sqrt(2·n_layers)."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * self.cfg.stack.n_layers) if name.endswith(("attn.o.weight", "ffn.down.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith("weight"):
+                nn.init.ones_(p)
+
+    def new_cache(
+        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (a rolling one when the
+        model uses a sliding window shorter than ``max_len``)."""
+        s = self.cfg.stack
+        assert s.n_kv_heads is not None and s.head_dim is not None
+        p = self.tok_emb.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        if s.sliding_window is not None and s.sliding_window < max_len:
+            return RollingKVCache(s.n_layers, batch, s.n_kv_heads, s.head_dim, s.sliding_window, dtype=dtype, device=device)
+        return ContiguousKVCache(s.n_layers, batch, s.n_kv_heads, s.head_dim, max_len, dtype=dtype, device=device)
+
+    def _cache_length(self, cache: KVCache | None) -> int:
+        if cache is None:
+            return 0
+        return getattr(cache, "length", getattr(cache, "seen", 0))
+
+    def attention_inputs(
+        self, tokens: Tensor, attention_mask: Tensor | None, positions: Tensor | None, cache: KVCache | None,
+    ) -> tuple[Tensor, AttentionInputs]:
+        """Positions (B, T) of the new tokens and the mask/bias/RoPE tables every layer shares."""
+        b, t = tokens.shape
+        aligned = positions is None and attention_mask is None and (cache is None or cache.is_empty)
+        if positions is None:
+            offset = self._cache_length(cache)
+            if attention_mask is not None:
+                positions = positions_from_padding(attention_mask, offset)
+            else:
+                positions = torch.arange(offset, offset + t, device=tokens.device).expand(b, t)
+        elif attention_mask is not None:
+            positions = torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1))
+        k_pos = cache.begin(positions) if cache is not None else positions
+        window = self.cfg.stack.sliding_window
+        inputs = AttentionInputs(cache=cache)
+        if aligned and (window is None or window >= t):
+            inputs.is_causal = True  # plain causal over 0..T-1: SDPA's fused kernel
+        else:
+            inputs.mask = materialize(self.mask_fn, positions, k_pos)
+        if self.rope is not None:
+            inputs.rope = self.rope.tables(positions)
+        if self.alibi is not None:
+            inputs.bias = self.alibi(positions, k_pos)
+        return positions, inputs
+
+    def hidden_states(
+        self, tokens: Tensor, *, attention_mask: Tensor | None = None, positions: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states (B, T, d) before the output projection."""
+        max_len = self.cfg.stack.max_seq_len
+        if positions is None and self.abs_pos is not None and self._cache_length(cache) + tokens.shape[1] > max_len:
+            raise ValueError(f"sequence of {self._cache_length(cache) + tokens.shape[1]} tokens exceeds max_seq_len {max_len}")
+        positions, inputs = self.attention_inputs(tokens, attention_mask, positions, cache)
+        x = self.tok_emb(tokens)  # (B, T, d)
+        if self.abs_pos is not None:
+            x = x + self.abs_pos(positions)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, inputs)
+        return self.norm(x)
+
+    def forward(
+        self, tokens: Tensor, *, attention_mask: Tensor | None = None, positions: Tensor | None = None,
+        cache: KVCache | None = None, last_only: bool = False,
+    ) -> Tensor:
+        h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions, cache=cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting tied weights once."""
+        return sum(p.numel() for p in self.parameters())
