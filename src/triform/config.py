@@ -38,7 +38,7 @@ class StackConfig:
 
     ``n_kv_heads`` below ``n_heads`` gives grouped-query attention (1 gives multi-query);
     ``head_dim`` defaults to ``d_model // n_heads`` and ``d_ff`` to 4·d (GELU/ReLU) or the
-    Llama rule 8/3·d rounded up to a multiple of 64 (gated FFNs).
+    Llama rule 8/3·d rounded up to a multiple of 256 (gated FFNs).
     """
 
     d_model: int
@@ -80,7 +80,7 @@ class StackConfig:
             raise ConfigError(f"{owner}.head_dim must be even for RoPE, got {head_dim}.")
         if self.d_ff is None:
             if self.ffn in ("swiglu", "geglu"):
-                d_ff = 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+                d_ff = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
             else:
                 d_ff = 4 * self.d_model
         else:

@@ -104,9 +104,10 @@ def generate(
     reasons: list[str | None] = [None] * b
     lengths = torch.tensor([len(r) for r in ids], device=device)
     cache = model.new_cache(b, longest + max_new) if use_cache else None
+    vocab = tokenizer.vocab_size  # the model's output may be padded past the tokenizer's ids
     logits = model(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     for step in range(max_new):
-        nxt = sample_next(logits, params, gens)  # (B,)
+        nxt = sample_next(logits[:, :vocab], params, gens)  # (B,)
         for i in range(b):
             if reasons[i] is not None:
                 continue

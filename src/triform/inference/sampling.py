@@ -49,8 +49,8 @@ def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens
-        sorted_logits = sorted_logits.masked_fill(before > params.top_p, float("-inf"))
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens: keep the smallest set reaching p
+        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 

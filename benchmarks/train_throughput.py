@@ -1,0 +1,401 @@
+"""Training throughput: triform vs Hugging Face ``transformers`` at equal config, on CPU, float32.
+
+What it measures
+----------------
+For a GPT-2-shaped and a Llama-shaped config (reduced to fit a small CPU), one full training step
+(forward, next-token cross-entropy, backward, grad-norm clip 1.0, AdamW step, zero_grad) of
+
+* triform's ``DecoderLM`` and
+* HF ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` built from an equivalent config (random weights),
+
+on the same random token batches, with the same optimizer (``triform.training.optim.build_optimizer``:
+AdamW, identical hyperparameters and decay/no-decay grouping) and the same step function
+(``triform.training.trainer.train_step``; the HF model is wrapped so that it returns
+``model(input_ids=x, labels=None, use_cache=False).logits`` and the loss is computed by the same
+``causal_lm_loss`` on those logits). Both models must have exactly the same parameter count;
+the script stops if they do not.
+
+Timing: after a few warm-up steps per model, ``--rounds`` rounds of ``--steps`` steps are timed per
+model, INTERLEAVED (triform, HF, HF, triform, ...), so that noise from a shared machine hits both
+alike; the median ms/step over rounds is reported per implementation, and the ratio is
+triform tokens/s ÷ HF tokens/s (target ≥ 1.0).
+
+Achieved GFLOP/s uses the standard training estimate
+    FLOPs/token = 6·N_matmul + 12·n_layers·d_attn·T
+where N_matmul counts the weights of every matrix multiply (attention and FFN projections of all
+layers plus the output head, tied or not; embedding/position lookups and norms excluded),
+d_attn = n_heads·head_dim and T is the context (the attention term ignores causal masking, as the
+estimate conventionally does). It is compared with a float32 matmul ceiling measured in the same
+run: ``torch.mm`` of square float32 matrices, before, after and between the timing rounds; the table
+gives achieved GFLOP/s as % of the best and of the median of those measurements.
+
+How to run
+----------
+    .venv/bin/python benchmarks/train_throughput.py                 # defaults: ~3 min on 2 CPU cores
+    .venv/bin/python benchmarks/train_throughput.py --shapes llama --steps 5 --rounds 7 --json out.json
+    .venv/bin/python benchmarks/train_throughput.py --profile 3      # also print a per-op profile
+
+Flags change d_model / layers / heads / context / batch / vocab / steps; see ``--help``.
+This is a benchmark, never part of the test suite's pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from triform.config import DecoderConfig, count_parameters, get_preset
+from triform.models.decoder import DecoderLM
+from triform.training.optim import build_optimizer
+from triform.training.trainer import train_step
+
+LR = 3e-4
+WEIGHT_DECAY = 0.1
+BETAS = (0.9, 0.95)
+GRAD_CLIP = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# machine and ceiling
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads (interop {torch.get_num_interop_threads()}), "
+        f"CPU: {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}"
+    )
+
+
+def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 4) -> tuple[float, int]:
+    """Best float32 torch.mm GFLOP/s over square sizes and repeats: (gflops, size that achieved it)."""
+    best, best_n = 0.0, sizes[0]
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        out = torch.empty(n, n)
+        torch.mm(a, b, out=out)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            dt = time.perf_counter() - t0
+            g = 2 * n**3 / dt / 1e9
+            if g > best:
+                best, best_n = g, n
+    return best, best_n
+
+
+# --------------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass
+class Shape:
+    name: str
+    cfg: DecoderConfig
+    hf_kind: str  # "gpt2" | "llama"
+
+
+def build_shapes(args: argparse.Namespace) -> list[Shape]:
+    shapes = []
+    common = dict(d_model=args.d_model, n_layers=args.layers, max_seq_len=args.context, vocab_size=args.vocab, dropout=0.0)
+    for name in args.shapes:
+        if name == "gpt2":
+            cfg = get_preset("gpt2").replace(n_heads=args.gpt2_heads, **common)
+            shapes.append(Shape("GPT-2", cfg, "gpt2"))
+        elif name == "llama":
+            cfg = get_preset("llama3-8b").replace(
+                n_heads=args.llama_heads, n_kv_heads=args.llama_kv_heads, d_ff=args.llama_d_ff, **common
+            )
+            shapes.append(Shape("Llama", cfg, "llama"))
+        else:
+            raise SystemExit(f"unknown shape {name!r}; choose gpt2 and/or llama")
+    return shapes
+
+
+def hf_model(shape: Shape) -> nn.Module:
+    """The HF model equivalent to ``shape.cfg`` (random weights, float32, SDPA attention)."""
+    import transformers  # imported here: slow (~12 s) and only a benchmark dependency
+
+    s = shape.cfg.stack
+    if shape.hf_kind == "gpt2":
+        assert s.d_ff == 4 * s.d_model and s.ffn == "gelu_tanh" and s.norm == "layernorm" and s.position == "learned"
+        hf_cfg = transformers.GPT2Config(
+            vocab_size=shape.cfg.vocab_size, n_positions=s.max_seq_len, n_embd=s.d_model, n_layer=s.n_layers,
+            n_head=s.n_heads, n_inner=s.d_ff, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, layer_norm_epsilon=s.norm_eps, tie_word_embeddings=shape.cfg.tie_embeddings,
+            use_cache=False, bos_token_id=None, eos_token_id=None,
+        )
+        hf_cfg._attn_implementation = "sdpa"
+        model = transformers.GPT2LMHeadModel(hf_cfg)
+    else:
+        assert s.ffn == "swiglu" and s.norm == "rmsnorm" and s.position == "rope" and not s.bias
+        kw: dict[str, Any] = dict(
+            vocab_size=shape.cfg.vocab_size, hidden_size=s.d_model, intermediate_size=s.d_ff,
+            num_hidden_layers=s.n_layers, num_attention_heads=s.n_heads, num_key_value_heads=s.n_kv_heads,
+            head_dim=s.head_dim, max_position_embeddings=s.max_seq_len, rms_norm_eps=s.norm_eps,
+            tie_word_embeddings=shape.cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+            attention_dropout=0.0, use_cache=False, bos_token_id=None, eos_token_id=None,
+        )
+        try:  # transformers >= 5: RoPE settings live in rope_parameters
+            hf_cfg = transformers.LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta})
+        except TypeError:  # transformers 4.x
+            hf_cfg = transformers.LlamaConfig(**kw, rope_theta=s.rope_theta)
+        hf_cfg._attn_implementation = "sdpa"
+        model = transformers.LlamaForCausalLM(hf_cfg)
+    return model.float()
+
+
+class HFLogits(nn.Module):
+    """Wraps an HF causal LM so that ``model(x)`` returns logits, like DecoderLM; no loss inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(input_ids=x, labels=None, use_cache=False).logits
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+def flops_per_token(cfg: DecoderConfig, context: int) -> tuple[float, int]:
+    """(training FLOPs per token, N_matmul) by 6·N_matmul + 12·n_layers·d_attn·T."""
+    s = cfg.stack
+    d, hd = s.d_model, s.head_dim
+    q_out, kv_out = s.n_heads * hd, s.n_kv_heads * hd
+    attn = d * (q_out + 2 * kv_out) + q_out * d
+    ffn = (3 if s.ffn in ("swiglu", "geglu") else 2) * d * s.d_ff
+    n_matmul = s.n_layers * (attn + ffn) + cfg.vocab_size * d
+    return 6.0 * n_matmul + 12.0 * s.n_layers * q_out * context, n_matmul
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Runner:
+    impl: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    batches: list[tuple[Tensor, Tensor]]
+    cursor: int = 0
+    round_ms: list[float] = field(default_factory=list)
+    last_loss: float = float("nan")
+
+    def step(self) -> None:
+        batch = self.batches[self.cursor % len(self.batches)]
+        self.cursor += 1
+        self.last_loss = train_step(self.model, self.opt, [batch], lr=LR, grad_clip=GRAD_CLIP)
+
+    def timed(self, steps: int) -> None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.round_ms.append((time.perf_counter() - t0) / steps * 1e3)
+
+
+def profile_runner(r: Runner, steps: int, top: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            r.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[float]) -> dict[str, Any]:
+    cfg, T, B = shape.cfg, args.context, args.batch
+    torch.manual_seed(args.seed)
+    tri = DecoderLM(cfg)
+    hf = HFLogits(hf_model(shape))
+    tri.train(), hf.train()
+    n_tri, n_hf, n_formula = n_params(tri), n_params(hf), count_parameters(cfg)
+    log(f"[{shape.name}] parameters: triform {n_tri:,} (count_parameters {n_formula:,}), HF {n_hf:,}")
+    if not n_tri == n_hf == n_formula:
+        raise SystemExit(f"[{shape.name}] parameter counts differ: triform {n_tri:,}, HF {n_hf:,}, formula {n_formula:,}")
+
+    g = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(args.n_batches):
+        w = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
+        batches.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
+
+    runners = [
+        Runner("triform", tri, build_optimizer(tri, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), batches),
+        Runner("HF", hf, build_optimizer(hf, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), batches),
+    ]
+    groups = [[sum(p.numel() for p in g_["params"]) for g_ in r.opt.param_groups] for r in runners]
+    if groups[0] != groups[1]:
+        log(f"[{shape.name}] WARNING: optimizer groups differ (decay/no-decay sizes): triform {groups[0]}, HF {groups[1]}")
+
+    for r in runners:
+        for _ in range(args.warmup):
+            r.step()
+    for i in range(args.rounds):
+        order = runners if i % 2 == 0 else runners[::-1]  # ABBA: neither always goes first
+        for r in order:
+            r.timed(args.steps)
+        ceilings.append(matmul_ceiling(repeats=2)[0])  # the ceiling under this round's machine conditions
+        log(
+            f"[{shape.name}] round {i + 1}/{args.rounds}: "
+            + ", ".join(f"{r.impl} {r.round_ms[-1]:.0f} ms/step" for r in runners)
+            + f", matmul {ceilings[-1]:.0f} GFLOP/s"
+        )
+
+    fpt, n_matmul = flops_per_token(cfg, T)
+    out: dict[str, Any] = {
+        "shape": shape.name, "config": cfg.to_dict(), "batch": B, "context": T, "tokens_per_step": B * T,
+        "parameters": n_tri, "n_matmul": n_matmul, "flops_per_token": fpt, "optimizer_groups": groups[0], "impls": {},
+    }
+    for r in runners:
+        med = statistics.median(r.round_ms)
+        tps = B * T / (med / 1e3)
+        out["impls"][r.impl] = {
+            "ms_per_step_median": med, "ms_per_step_min": min(r.round_ms), "ms_per_step_rounds": r.round_ms,
+            "tokens_per_s": tps, "gflops": tps * fpt / 1e9, "final_loss": r.last_loss,
+        }
+    # ratio of medians, plus the median of per-round ratios (each round's pair ran back to back)
+    t, h = out["impls"]["triform"], out["impls"]["HF"]
+    out["ratio"] = t["tokens_per_s"] / h["tokens_per_s"]
+    out["ratio_per_round_median"] = statistics.median(
+        hm / tm for tm, hm in zip(t["ms_per_step_rounds"], h["ms_per_step_rounds"])
+    )
+    if args.profile:
+        for r in runners:
+            log(f"\n[{shape.name}] profile of {r.impl}, {args.profile} steps (self CPU time):")
+            log(profile_runner(r, args.profile, args.profile_top))
+    del runners, tri, hf
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(results: list[dict[str, Any]], ceiling: float, ceiling_med: float, machine: str, args, seconds: float) -> str:
+    lines = [
+        "## Training throughput: triform vs HF transformers (float32, CPU)",
+        "",
+        f"Machine: {machine}",
+        f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s best, {ceiling_med:.1f} GFLOP/s median (torch.mm of 1024^2 and "
+        f"2048^2 float32 matrices, measured before, after and between the timing rounds; a shared machine varies)",
+        f"Step: forward + cross-entropy + backward + clip_grad_norm 1.0 + AdamW(lr {LR}, wd {WEIGHT_DECAY}, betas {BETAS}) + zero_grad; "
+        f"batch {args.batch} x context {args.context}; {args.warmup} warm-up steps, then {args.rounds} interleaved rounds of "
+        f"{args.steps} steps per model, median round reported.",
+        "FLOPs/token = 6*N_matmul + 12*n_layers*d_attn*T  (N_matmul: attention+FFN projection weights of all layers + "
+        "output head; T = context)",
+        "",
+        "| shape | config | params | impl | ms/step | tokens/s | GFLOP/s | % of best mm | % of median mm | triform/HF |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for res in results:
+        s = res["config"]["stack"]
+        desc = (
+            f"d={s['d_model']} L={s['n_layers']} H={s['n_heads']}/{s['n_kv_heads']}kv ff={s['d_ff']} "
+            f"T={res['context']} V={res['config']['vocab_size']}"
+        )
+        for impl in ("triform", "HF"):
+            r = res["impls"][impl]
+            ratio = f"**{res['ratio']:.3f}x**" if impl == "triform" else ""
+            lines.append(
+                f"| {res['shape']} | {desc} | {res['parameters'] / 1e6:.2f}M | {impl} | {r['ms_per_step_median']:.0f} | "
+                f"{r['tokens_per_s']:,.0f} | {r['gflops']:.1f} | {100 * r['gflops'] / ceiling:.1f}% | "
+                f"{100 * r['gflops'] / ceiling_med:.1f}% | {ratio} |"
+            )
+    lines.append("")
+    for res in results:
+        lines.append(
+            f"- {res['shape']}: triform/HF tokens/s = {res['ratio']:.3f}x (ratio of medians); median of per-round ratios "
+            f"{res['ratio_per_round_median']:.3f}x; N_matmul {res['n_matmul'] / 1e6:.2f}M, "
+            f"{res['flops_per_token'] / 1e6:.1f} MFLOP/token; parameter counts equal ({res['parameters']:,})."
+        )
+    lines.append(f"\nTotal run time {seconds:.0f} s.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--gpt2-heads", type=int, default=4)
+    p.add_argument("--llama-heads", type=int, default=8)
+    p.add_argument("--llama-kv-heads", type=int, default=2)
+    p.add_argument("--llama-d-ff", type=int, default=688)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
+    p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
+    p.add_argument("--n-batches", type=int, default=8, help="distinct random batches cycled through")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps of each model")
+    p.add_argument("--profile-top", type=int, default=20)
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    machine = machine_line()
+    log(machine)
+    import transformers  # noqa: F401  (slow import, done once up front)
+
+    log(f"transformers {transformers.__version__}")
+    c1 = matmul_ceiling()
+    log(f"matmul ceiling (before): {c1[0]:.1f} GFLOP/s at n={c1[1]}")
+    ceilings: list[float] = [c1[0]]
+    results = [bench_shape(shape, args, log, ceilings) for shape in build_shapes(args)]
+    c2 = matmul_ceiling()
+    log(f"matmul ceiling (after): {c2[0]:.1f} GFLOP/s at n={c2[1]}")
+    ceilings.append(c2[0])
+    ceiling = max(ceilings)
+    ceiling_med = statistics.median(ceilings)
+    seconds = time.perf_counter() - t_start
+    machine_full = f"{machine}, transformers {transformers.__version__}"
+    print(markdown(results, ceiling, ceiling_med, machine_full, args, seconds))
+    if args.json:
+        payload = {
+            "machine": machine_full, "matmul_ceiling_gflops": ceiling, "matmul_ceiling_median_gflops": ceiling_med,
+            "matmul_ceiling_runs": ceilings, "flops_formula": "6*N_matmul + 12*n_layers*d_attn*T",
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "results": results, "seconds": seconds,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

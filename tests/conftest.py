@@ -1,0 +1,48 @@
+"""Shared fixtures: seeded RNGs, a small synthetic corpus, and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = "the king queen lord lady sword crown love death night day speak hear good ill".split()
+
+
+def synthetic_text(n_sentences: int, seed: int) -> str:
+    """Sentences from a tiny grammar: learnable structure well beyond unigram statistics."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_sentences):
+        subj, obj = rng.choice(WORDS[:6]), rng.choice(WORDS[6:])
+        lines.append(f"{subj.upper()}:\nThe {subj} will {rng.choice(['speak', 'hear'])} of {obj}.\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(synthetic_text(3000, seed=1))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
+    """A shakespeare-tiny model trained briefly on the synthetic corpus (shared by several tests)."""
+    from triform.training.trainer import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(
+        data=str(corpus_file), max_steps=150, batch_size=16, context=64, lr=3e-3, warmup_steps=10,
+        eval_interval=50, eval_tokens=4096, checkpoint_interval=1000, progress=False, seed=3,
+    )
+    train(cfg, preset="shakespeare-tiny", out_dir=out, log=lambda _: None)
+    return out
