@@ -17,19 +17,23 @@ _ACTIVATIONS = {
 
 
 class FeedForward(nn.Module):
-    """``down(act(up(x)))``, or for gated kinds ``down(act(gate(x)) * up(x))`` (arXiv 2002.05202)."""
+    """``down(act(up(x)))``, or for gated kinds ``down(act(x W_gate) * x W_up)`` (arXiv 2002.05202)."""
 
     def __init__(self, cfg: StackConfig) -> None:
         super().__init__()
         assert cfg.d_ff is not None
         self.gated = cfg.ffn in ("swiglu", "geglu")
         self.act = _ACTIVATIONS[cfg.ffn]
-        if self.gated:
-            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        # Gated kinds fuse gate and up projections into one matmul: rows [0, d_ff) gate, [d_ff, 2·d_ff) up.
+        self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))  # (B, T, d_ff)
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up  # (B, T, d_ff)
+        else:
+            h = self.act(h)
         return self.dropout(self.down(h))

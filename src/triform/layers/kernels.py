@@ -69,10 +69,10 @@ def sdpa_attention(
             causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
             attn_mask = attn_mask.masked_fill(~causal, float("-inf"))
         is_causal = False
-    groups = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    # enable_gqa lets SDPA broadcast key/value heads itself instead of materialising copies.
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
     )
 
 
