@@ -9,7 +9,15 @@ import torch
 
 from triform.config import StackConfig
 from triform.layers.kernels import reference_attention, repeat_kv, sdpa_attention
-from triform.layers.masks import and_masks, causal, decoder_mask, materialize, positions_from_padding, sliding_window, valid_keys
+from triform.layers.masks import (
+    and_masks,
+    causal,
+    decoder_mask,
+    materialize,
+    positions_from_padding,
+    sliding_window,
+    valid_keys,
+)
 from triform.layers.position import ALiBi, RotaryEmbedding, alibi_slopes
 
 

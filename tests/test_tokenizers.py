@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import synthetic_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from triform.errors import CheckpointError, ConfigError
 from triform.tokenizers import BPETokenizer, ByteTokenizer, StreamDecoder, load_tokenizer
-
-from conftest import synthetic_text
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)

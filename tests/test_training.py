@@ -97,7 +97,8 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tmp_path: Path, corpus_f
     over = {"dropout": dropout}
     full = train(cfg, preset="gpt2-tiny", model_overrides=over, out_dir=tmp_path / "a", log=lambda _: None)
     train(cfg, preset="gpt2-tiny", model_overrides=over, out_dir=tmp_path / "b", stop_after=3, log=lambda _: None)
-    resumed = train(cfg, preset="gpt2-tiny", out_dir=tmp_path / "b", resume=True, log=lambda _: None)
+    # A bare resume (default config, default preset) continues with the run's saved settings.
+    resumed = train(TrainConfig(progress=False), out_dir=tmp_path / "b", resume=True, log=lambda _: None)
     assert len(full.train_losses) == 8
     assert resumed.train_losses == full.train_losses  # exact float equality, step by step
     a, _, _ = load_checkpoint(tmp_path / "a")

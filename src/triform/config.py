@@ -179,9 +179,11 @@ BYTE_VOCAB = 256 + 8  # 256 byte values + named specials (see triform.tokenizers
 
 
 def _shakespeare() -> DecoderConfig:
+    # Tuned for CPU-minute budgets: at 79 s on 2 cores (benchmarks/shakespeare.py) a 2-layer, d=128
+    # Llama-style model beat wider and deeper ones, which take too few steps in that time.
     stack = StackConfig(
-        d_model=256, n_layers=6, n_heads=4, ffn="swiglu", norm="rmsnorm",
-        position="rope", max_seq_len=256, bias=False,
+        d_model=128, n_layers=2, n_heads=4, ffn="swiglu", norm="rmsnorm",
+        position="rope", max_seq_len=128, bias=False,
     )
     return DecoderConfig(stack=stack, vocab_size=BYTE_VOCAB, tie_embeddings=True, family="llama")
 

@@ -37,7 +37,8 @@ def train(
     from triform.config import get_preset
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
-    from triform.training.trainer import TrainConfig, train as run_training
+    from triform.training.trainer import TrainConfig
+    from triform.training.trainer import train as run_training
 
     get_preset(preset)  # fail fast on an unknown name, before any data is fetched
     result = run_training(cfg or TrainConfig(), preset=preset, model_overrides=model, out_dir=out, resume=resume, stop_after=stop_after)

@@ -9,7 +9,6 @@ import inspect
 import os
 import sys
 import typing
-from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 

@@ -16,7 +16,7 @@ DOC_SEPARATOR = b"\n\n"
 
 def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[Document]) -> Tensor:
     """One long id stream (1-D int64) of the documents joined by a blank line."""
-    arrays = [tokenizer.encode_array(d.text + DOC_SEPARATOR) for d in docs]
+    arrays = [tokenizer.encode_array(d.text if i == len(docs) - 1 else d.text + DOC_SEPARATOR) for i, d in enumerate(docs)]
     return torch.from_numpy(np.concatenate(arrays).astype(np.int64))
 
 

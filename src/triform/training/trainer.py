@@ -88,11 +88,11 @@ class TrainConfig:
     tokenizer: Literal["byte", "bpe"] = "byte"
     bpe_vocab_size: int = 4096
     context: int | None = None
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr: float | None = None
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     max_steps: int = 5000
     time_budget: str | None = None
     weight_decay: float = 0.1
@@ -294,19 +294,24 @@ def train(
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
+    state: dict[str, Any] | None = None
+    if resume:
+        # The saved run's own settings are used, so a bare `--resume` continues bit-exactly.
+        model, tokenizer, meta = load_checkpoint(out)
+        state = load_trainer_state(out)
+        saved = dict(meta.get("train", {}))
+        preset = saved.pop("preset", preset)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = dataclasses.replace(TrainConfig(**{k: v for k, v in saved.items() if k in names}), progress=cfg.progress)
+        say(f"resuming {out} at step {state['step']} with its saved configuration")
     device = resolve_device(cfg.device)
     amp = autocast_dtype(cfg.precision, device)
     budget = parse_duration(cfg.time_budget)
     torch.manual_seed(cfg.seed)
 
     corpus = load_corpus(cfg.data)
-    state: dict[str, Any] | None = None
     if resume:
-        model, tokenizer, meta = load_checkpoint(out, device=device)
-        state = load_trainer_state(out)
-        saved = meta.get("train", {})
-        if saved.get("data") != cfg.data or saved.get("tokenizer") != cfg.tokenizer:
-            raise ConfigError("--resume needs the same data and tokenizer as the run being resumed.")
+        model = model.to(device)
         model_cfg = model.cfg
     else:
         tokenizer = build_tokenizer(cfg, corpus)
