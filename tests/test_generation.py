@@ -112,6 +112,34 @@ def test_prompt_longer_than_context() -> None:
     with pytest.raises(GenerationError, match="context window is 128.*--truncate"):
         generate(model, tok, ["x" * 200], SamplingParams(max_new_tokens=5))
     out = generate(model, tok, ["x" * 200], SamplingParams(temperature=0.0, max_new_tokens=5), truncate=True)[0]
-    assert len(out.token_ids) == 1  # 127 prompt tokens + 1 fills the window
+    assert len(out.token_ids) == 5
     with pytest.raises(GenerationError, match="empty"):
         generate(model, tok, [""], SamplingParams())
+
+
+def _crop_reference(model: DecoderLM, prompt: list[int], n: int) -> list[int]:
+    """nanoGPT's loop: re-run the model on the last `context` tokens, take the argmax."""
+    ctx, seq = model.cfg.stack.max_seq_len, list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq[-ctx:]]))[0, -1, :260]
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt):]
+
+
+def test_absolute_positions_generate_past_context_by_cropping() -> None:
+    model, tok = _model("gpt2-tiny"), ByteTokenizer()  # learned positions, context 128
+    out = generate(model, tok, ["To be, or not to be"], SamplingParams(temperature=0.0, max_new_tokens=150))[0]
+    assert len(out.token_ids) == 150
+    assert out.token_ids == _crop_reference(model, tok.encode("To be, or not to be"), 150)
+
+
+def test_relative_positions_generate_past_context_with_rolling_cache() -> None:
+    # With one layer, a rolling cache of the last context-1 tokens is exactly nanoGPT's crop for RoPE.
+    torch.manual_seed(0)
+    model, tok = DecoderLM(get_preset("llama3-8b-tiny").replace(n_layers=1)).eval(), ByteTokenizer()
+    params = SamplingParams(temperature=0.0, max_new_tokens=200)
+    cached = generate(model, tok, ["Once upon a time"], params)[0]
+    uncached = generate(model, tok, ["Once upon a time"], params, use_cache=False)[0]
+    assert len(cached.token_ids) == 200
+    assert cached.token_ids == uncached.token_ids == _crop_reference(model, tok.encode("Once upon a time"), 200)

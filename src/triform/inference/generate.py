@@ -92,7 +92,12 @@ def generate(
     ids = encode_prompts(tokenizer, prompts, context, truncate=truncate)
     device = model.tok_emb.weight.device
     b, longest = len(ids), max(len(x) for x in ids)
-    max_new = min(params.max_new_tokens, context - longest)
+    max_new = params.max_new_tokens
+    # Past the context window, a model with relative positions (RoPE, ALiBi, none) keeps a rolling
+    # cache of the last context-1 tokens, so every query still sees exactly `context` tokens;
+    # a model with absolute positions re-encodes the last `context` tokens each step (nanoGPT's crop).
+    beyond = longest + max_new > context
+    relative = model.abs_pos is None
     tokens = torch.full((b, longest), tokenizer.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((b, longest), dtype=torch.bool, device=device)
     for i, row in enumerate(ids):  # left padding: every row's last prompt token sits in the last column
@@ -103,7 +108,8 @@ def generate(
     out_ids: list[list[int]] = [[] for _ in ids]
     reasons: list[str | None] = [None] * b
     lengths = torch.tensor([len(r) for r in ids], device=device)
-    cache = model.new_cache(b, longest + max_new) if use_cache else None
+    use_cache = use_cache and (relative or not beyond)
+    cache = model.new_cache(b, longest + max_new, window=context - 1 if beyond else None) if use_cache else None
     vocab = tokenizer.vocab_size  # the model's output may be padded past the tokenizer's ids
     logits = model(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]
     for step in range(max_new):
@@ -131,8 +137,8 @@ def generate(
         if use_cache:
             logits = model(nxt[:, None], positions=(lengths + step)[:, None], cache=cache)[:, -1]
         else:
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -context:]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)[:, -context:]
             logits = model(tokens, attention_mask=mask, last_only=True)[:, -1]
     return [
         Completion(text=r.data.decode("utf-8", errors="replace"), token_ids=o, finish_reason=reason or "length")

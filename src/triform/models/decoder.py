@@ -61,16 +61,22 @@ class DecoderLM(nn.Module):
                 nn.init.ones_(p)
 
     def new_cache(
-        self, batch: int, max_len: int, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+        self, batch: int, max_len: int, *, window: int | None = None,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
     ) -> KVCache:
-        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (a rolling one when the
-        model uses a sliding window shorter than ``max_len``)."""
+        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+        It is a rolling cache when the model's sliding window, or an explicit ``window`` (keep only
+        the last ``window`` tokens, for generating past the context with relative positions), is
+        shorter than ``max_len``; otherwise a contiguous one.
+        """
         s = self.cfg.stack
         assert s.n_kv_heads is not None and s.head_dim is not None
         p = self.tok_emb.weight
         dtype, device = dtype or p.dtype, device or p.device
-        if s.sliding_window is not None and s.sliding_window < max_len:
-            return RollingKVCache(s.n_layers, batch, s.n_kv_heads, s.head_dim, s.sliding_window, dtype=dtype, device=device)
+        windows = [w for w in (s.sliding_window, window) if w is not None]
+        if windows and min(windows) < max_len:
+            return RollingKVCache(s.n_layers, batch, s.n_kv_heads, s.head_dim, min(windows), dtype=dtype, device=device)
         return ContiguousKVCache(s.n_layers, batch, s.n_kv_heads, s.head_dim, max_len, dtype=dtype, device=device)
 
     def _cache_length(self, cache: KVCache | None) -> int:
