@@ -26,6 +26,17 @@ def test_normalize_argv() -> None:
         "train", "--time_budget", "5m", "--resume=true", "--model.n_layers=2",
     ]
     assert normalize_argv(["generate", "ck", "--no-cache", "false"]) == ["generate", "ck", "--no_cache", "false"]
+    assert normalize_argv(["generate", "ck", "--stop", "a", "--stop", "b"]) == ["generate", "ck", "--stop+", "a", "--stop+", "b"]
+
+
+def test_stop_flags_repeat_and_unescape(capsys: pytest.CaptureFixture[str], trained_run: Path) -> None:
+    from triform.cli.commands import _unescape
+
+    assert _unescape("\\n\\n") == "\n\n" and _unescape("é\\t") == "é\t"
+    # The synthetic corpus puts a newline after "KING:"; stopping there leaves an empty continuation.
+    argv = ["generate", str(trained_run), "KING:", "--temperature", "0", "--stop", "zzz", "--stop", "\\n"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "KING:\n"
 
 
 def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

@@ -63,6 +63,13 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _unescape(text: str) -> str:
+    """Interpret backslash escapes (\\n, \\t, \\\\) typed on a command line."""
+    return text.encode("utf-8", errors="surrogateescape").decode("unicode_escape").encode("latin-1").decode(
+        "utf-8", errors="surrogateescape"
+    )
+
+
 def _read_prompts(path: str) -> list[bytes]:
     try:
         data = Path(path).read_bytes()
@@ -93,7 +100,8 @@ def generate(
         top_k: Sample only from the k most likely tokens.
         top_p: Sample only from the smallest set of tokens whose probability reaches p.
         seed: Random seed, for reproducible sampling.
-        stop: Stop when any of these strings is generated (repeat the flag for several).
+        stop: Stop when this string is generated; repeat the flag for several. Escapes such as
+            \\n and \\t are understood, so --stop "\\n\\n" stops at a blank line.
         truncate: Keep the end of a prompt that is longer than the context window instead of failing.
         no_cache: Recompute the whole sequence each step instead of using the KV cache.
         device: "auto", "cpu" or "cuda".
@@ -105,8 +113,9 @@ def generate(
 
     if (prompt is None) == (prompts is None):
         raise TriformError("give exactly one of a prompt or --prompts FILE.")
+    stops = tuple(_unescape(s) for s in stop or ())
     params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=tuple(stop or ()), seed=seed,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed,
     )
     lm, tokenizer, _ = load_checkpoint(checkpoint, device=resolve_device(device))
     if prompt is not None:

@@ -28,6 +28,7 @@ ModelOverrides.__doc__ = "Model fields that replace the preset's (any StackConfi
 COMMANDS = {"train": commands.train, "generate": commands.generate, "eval": commands.evaluate, "presets": commands.presets}
 
 
+LIST_FLAGS = {"stop"}
 OPTIONAL_POSITIONALS = {"generate": {"prompt": "The text to continue (or use --prompts FILE)."}}
 
 
@@ -54,6 +55,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
         if arg.startswith("--") and len(arg) > 2:
             name, eq, value = arg[2:].partition("=")
             name = name.replace("-", "_")
+            if name in LIST_FLAGS and not eq:
+                name += "+"  # jsonargparse's append syntax: `--stop a --stop b` collects both
             arg = f"--{name}{eq}{value}"
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if name in flags and not eq and (nxt is None or nxt.lower() not in ("true", "false", "null")):
