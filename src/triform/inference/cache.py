@@ -18,7 +18,9 @@ from triform.errors import GenerationError
 
 
 class KVCache(Protocol):
-    """The cache interface every cache implements."""
+    """The cache interface every cache implements. ``seen`` counts the tokens written so far."""
+
+    seen: int
 
     def begin(self, positions: Tensor) -> Tensor: ...
 
@@ -28,43 +30,51 @@ class KVCache(Protocol):
     def is_empty(self) -> bool: ...
 
 
-class ContiguousKVCache:
+class _SlotCache:
+    """Key/value storage of (L, B, Hkv, slots, Dh) plus the position held in each slot (-1: empty)."""
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, slots: int,
+        *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, slots, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.full((batch, slots), -1, dtype=torch.long, device=device)
+        self.seen = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.seen == 0
+
+
+class ContiguousKVCache(_SlotCache):
     """A preallocated (L, B, Hkv, max_len, Dh) buffer filled left to right (gpt-fast's static cache)."""
 
     def __init__(
         self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
         *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        super().__init__(n_layers, batch, n_kv_heads, head_dim, max_len, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0
         self._start = 0
-
-    @property
-    def is_empty(self) -> bool:
-        return self.length == 0
 
     def begin(self, positions: Tensor) -> Tensor:
         t = positions.shape[1]
-        if self.length + t > self.max_len:
-            raise GenerationError(
-                f"the KV cache holds {self.max_len} tokens and cannot take {self.length + t}."
-            )
-        self._start = self.length
-        self.length += t
-        self.pos[:, self._start : self.length] = positions
-        return self.pos[:, : self.length]
+        if self.seen + t > self.max_len:
+            raise GenerationError(f"the KV cache holds {self.max_len} tokens and cannot take {self.seen + t}.")
+        self._start = self.seen
+        self.seen += t
+        self.pos[:, self._start : self.seen] = positions
+        return self.pos[:, : self.seen]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[layer, :, :, self._start : self.length] = k
-        self.v[layer, :, :, self._start : self.length] = v
-        return self.k[layer, :, :, : self.length], self.v[layer, :, :, : self.length]
+        self.k[layer, :, :, self._start : self.seen] = k
+        self.v[layer, :, :, self._start : self.seen] = v
+        return self.k[layer, :, :, : self.seen], self.v[layer, :, :, : self.seen]
 
 
-class RollingKVCache:
+class RollingKVCache(_SlotCache):
     """A sliding-window cache: position p lives in slot p mod W, so memory stays W tokens per layer.
 
     A chunk of T new tokens attends to the W slots held before it plus the chunk itself; the mask
@@ -75,18 +85,10 @@ class RollingKVCache:
         self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, window: int,
         *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, batch, n_kv_heads, window, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = torch.full((batch, window), -1, dtype=torch.long, device=device)
+        super().__init__(n_layers, batch, n_kv_heads, head_dim, window, dtype=dtype, device=device)
         self.window = window
-        self.seen = 0
-        self._new_pos: Tensor | None = None
+        self._keep = 0
         self._slots: Tensor | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        return self.seen == 0
 
     def begin(self, positions: Tensor) -> Tensor:
         t = positions.shape[1]

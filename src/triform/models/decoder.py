@@ -82,7 +82,7 @@ class DecoderLM(nn.Module):
     def _cache_length(self, cache: KVCache | None) -> int:
         if cache is None:
             return 0
-        return getattr(cache, "length", getattr(cache, "seen", 0))
+        return cache.seen
 
     def attention_inputs(
         self, tokens: Tensor, attention_mask: Tensor | None, positions: Tensor | None, cache: KVCache | None,
