@@ -87,11 +87,12 @@ def generate(
     checkpoint: str, prompt: str | None = None, prompts: str | None = None, max_new_tokens: int = 256,
     temperature: float = 0.8, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
     stop: list[str] | None = None, truncate: bool = False, no_cache: bool = False, device: str = "auto",
+    trust_pickle: bool = False,
 ) -> None:
     """Continue a prompt with a trained model, streaming text as it is generated.
 
     Args:
-        checkpoint: A checkpoint folder or a run folder (its checkpoint/ is used).
+        checkpoint: A triform checkpoint or run folder, a Hugging Face model folder, or a .gguf file.
         prompt: The text to continue.
         prompts: A file with one prompt per line (write \\n for a newline inside a prompt),
             generated together as one left-padded batch.
@@ -105,10 +106,11 @@ def generate(
         truncate: Keep the end of a prompt that is longer than the context window instead of failing.
         no_cache: Recompute the whole sequence each step instead of using the KV cache.
         device: "auto", "cpu" or "cuda".
+        trust_pickle: Allow PyTorch pickle weights (.bin/.pt); unpickling can run arbitrary code.
     """
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
-    from triform.training.checkpoint import load_checkpoint
+    from triform.interop import load_pretrained
     from triform.training.trainer import resolve_device
 
     if (prompt is None) == (prompts is None):
@@ -117,7 +119,7 @@ def generate(
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed,
     )
-    lm, tokenizer, _ = load_checkpoint(checkpoint, device=resolve_device(device))
+    lm, tokenizer, _ = load_pretrained(checkpoint, trust_pickle=trust_pickle, device=resolve_device(device))
     if prompt is not None:
         data = _prompt_bytes(prompt)
         sys.stdout.buffer.write(data)
@@ -187,3 +189,85 @@ def presets() -> None:
             f"{name:<20} {cfg.family:<8} {s.n_layers:>6} {s.d_model:>7} {f'{s.n_heads}/{s.n_kv_heads}':>7} {s.ffn:<9} "
             f"{s.position:<10} {str(s.sliding_window or '-'):>6} {s.max_seq_len:>7} {size:>10}"
         )
+
+
+def convert(src: str, dst: str, to: str = "auto", trust_pickle: bool = False, max_shard_size: str = "2GB") -> None:
+    """Convert a checkpoint: HF folder or GGUF file to a triform checkpoint, or triform to an HF folder.
+
+    Args:
+        src: A Hugging Face model folder, a .gguf file, or a triform checkpoint/run folder.
+        dst: The folder to write.
+        to: "triform", "hf", or "auto" (HF/GGUF become triform; triform becomes HF).
+        trust_pickle: Allow PyTorch pickle weights (.bin/.pt) in src; unpickling can run arbitrary code.
+        max_shard_size: Largest safetensors shard when writing an HF folder, e.g. 500MB or 2GB.
+    """
+    from triform.interop import detect_format, load_pretrained
+    from triform.interop.hf import save_hf
+    from triform.training.checkpoint import save_checkpoint
+
+    kind = detect_format(Path(src))
+    target = {"auto": "hf" if kind == "triform" else "triform"}.get(to, to)
+    if target not in ("triform", "hf"):
+        raise TriformError(f"--to must be triform, hf or auto, got {to!r}.")
+    model, tokenizer, _ = load_pretrained(src, trust_pickle=trust_pickle)
+    if target == "hf":
+        save_tokenizer = tokenizer.save if tokenizer.kind in ("hf", "bpe") else None
+        save_hf(model, dst, max_shard_bytes=_parse_size(max_shard_size), save_tokenizer=save_tokenizer)
+    else:
+        save_checkpoint(Path(dst), model, tokenizer, extra={"converted_from": str(src)})
+    print(f"wrote {target} checkpoint {dst} ({model.num_parameters() / 1e6:.1f}M parameters, {model.cfg.family})")
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise TriformError(f"max_shard_size must look like 500MB or 2GB, got {text!r}.")
+    unit = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9}[m.group(2)]
+    return int(float(m.group(1)) * unit)
+
+
+def chat(
+    checkpoint: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+    top_p: float = 0.9, top_k: int | None = None, seed: int | None = 0, device: str = "auto", stats: bool = False,
+) -> None:
+    """Talk to a model turn by turn; the KV cache is kept across turns, so only new text is encoded.
+
+    Type a message and press Enter; an empty line or Ctrl-D ends the conversation.
+
+    Args:
+        checkpoint: A triform checkpoint, a Hugging Face model folder, or a .gguf file.
+        system: An optional system message.
+        max_new_tokens: Upper bound on each reply's length.
+        temperature: Softmax temperature; 0 means greedy.
+        top_p: Nucleus sampling threshold.
+        top_k: Sample only from the k most likely tokens.
+        seed: Random seed for reproducible replies.
+        device: "auto", "cpu" or "cuda".
+        stats: After each reply, show how many prompt tokens came from the cache.
+    """
+    from triform.inference.chat import ChatSession
+    from triform.inference.sampling import SamplingParams
+    from triform.interop import load_pretrained
+    from triform.training.trainer import resolve_device
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+    model, tokenizer, _ = load_pretrained(checkpoint, device=resolve_device(device))
+    session = ChatSession(model, tokenizer, params, system=system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("you> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            break
+        if interactive:
+            sys.stdout.write("model> ")
+        session.reply(line.rstrip("\n"), on_text=_write)
+        print()
+        if stats and session.last is not None:
+            s = session.last
+            print(f"[prompt {s.prompt_tokens} tokens: {s.reused_tokens} from cache, {s.new_tokens} computed; "
+                  f"{s.generated_tokens} generated]", file=sys.stderr)

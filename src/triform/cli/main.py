@@ -25,7 +25,10 @@ ModelOverrides = dataclasses.make_dataclass(
 ModelOverrides.__doc__ = "Model fields that replace the preset's (any StackConfig field, vocab_size, tie_embeddings)."
 
 
-COMMANDS = {"train": commands.train, "generate": commands.generate, "eval": commands.evaluate, "presets": commands.presets}
+COMMANDS = {
+    "train": commands.train, "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate,
+    "convert": commands.convert, "presets": commands.presets,
+}
 
 
 LIST_FLAGS = {"stop"}

@@ -68,6 +68,11 @@ class ContiguousKVCache(_SlotCache):
         self.pos[:, self._start : self.seen] = positions
         return self.pos[:, : self.seen]
 
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first ``length`` tokens (a chat turn that diverges from the cache)."""
+        self.seen = min(self.seen, length)
+        self.pos[:, self.seen :] = -1
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self.k[layer, :, :, self._start : self.seen] = k
         self.v[layer, :, :, self._start : self.seen] = v

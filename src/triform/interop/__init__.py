@@ -1,0 +1,67 @@
+"""Checkpoints from elsewhere: Hugging Face folders and GGUF files, loaded into triform models.
+
+``load_pretrained(path)`` accepts a triform checkpoint or run folder, an HF model folder, or a
+``.gguf`` file, and returns (model, tokenizer, metadata) the same way for each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from triform.errors import CheckpointError
+from triform.models.decoder import DecoderLM
+from triform.tokenizers.base import Tokenizer
+
+
+def detect_format(path: Path) -> str:
+    """"triform", "hf" or "gguf" for a path, or a CheckpointError saying why it is none of them."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf"
+        raise CheckpointError(f"{path} is a file but not a .gguf; give a checkpoint folder or a GGUF file.")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    for candidate in (path / "config.json", path / "checkpoint" / "config.json"):
+        if candidate.is_file():
+            try:
+                meta = json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{candidate} is corrupt (not valid JSON).") from None
+            if isinstance(meta, dict) and meta.get("format") == "triform":
+                return "triform"
+            if isinstance(meta, dict) and "model_type" in meta and candidate.parent == path:
+                return "hf"
+    return "triform"  # let the triform loader explain what is missing
+
+
+def load_pretrained(
+    path: Path | str, *, trust_pickle: bool = False, device: str | torch.device = "cpu",
+) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
+    """Model (eval mode), tokenizer and metadata from any supported checkpoint format."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "triform":
+        from triform.training.checkpoint import load_checkpoint
+
+        return load_checkpoint(path, device=device)
+    if kind == "gguf":
+        from triform.interop.gguf import read_gguf
+        from triform.interop.hf import config_from_hf, model_from_hf
+
+        g = read_gguf(path)
+        model = model_from_hf(config_from_hf(g.hf_config), g.tensors, source=str(path))
+        return model.to(device), g.tokenizer, {"source": str(path), "format": "gguf", **g.metadata}
+    from triform.interop.hf import load_hf
+    from triform.tokenizers.hf import HFTokenizer
+
+    model = load_hf(path, trust_pickle=trust_pickle)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
+    return model.to(device), HFTokenizer.from_folder(path), {"source": str(path), "format": "hf"}
+
+
+__all__ = ["load_pretrained", "detect_format"]

@@ -1,0 +1,98 @@
+"""Multi-turn chat that keeps one KV cache for the whole conversation.
+
+Each turn renders the transcript with the tokenizer's chat template, finds how many of its tokens
+the cache already holds (the longest common prefix), and runs only the rest. A decoder-only model
+therefore pays for each new message once, instead of re-encoding the transcript every turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from triform.errors import GenerationError
+from triform.inference.cache import ContiguousKVCache
+from triform.inference.generate import _RowText
+from triform.inference.sampling import SamplingParams, sample_next
+from triform.models.decoder import DecoderLM
+from triform.tokenizers.base import Tokenizer
+
+PLAIN_STOP = "\nuser:"
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
+    """The prompt text for ``messages`` plus the assistant's cue, and extra stop strings.
+
+    Tokenizers with a chat template (instruct models) use it; others get a plain ``role: text`` transcript.
+    """
+    template = getattr(tokenizer, "apply_chat_template", None)
+    if template is not None and getattr(tokenizer, "chat_template", None):
+        return template(messages, add_generation_prompt=True), ()
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return lines + "assistant: ", (PLAIN_STOP,)
+
+
+@dataclass
+class TurnStats:
+    """How much of a turn's prompt came from the cache and how much had to be computed."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    new_tokens: int
+    generated_tokens: int
+
+
+class ChatSession:
+    """A conversation with ``model``; ``reply(text)`` returns the assistant's answer."""
+
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer, params: SamplingParams, *, system: str | None = None) -> None:
+        self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.context = model.cfg.stack.max_seq_len
+        self.cache = model.new_cache(1, self.context)
+        if not isinstance(self.cache, ContiguousKVCache):
+            raise GenerationError("chat needs a model whose cache can hold the whole conversation (no sliding window).")
+        self.ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
+        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.last: TurnStats | None = None
+
+    @torch.inference_mode()
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Add a user message, generate the answer (streamed to ``on_text``) and remember both."""
+        self.messages.append({"role": "user", "content": text})
+        prompt, stops = render_chat(self.tokenizer, self.messages)
+        ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.context:
+            self.messages.pop()
+            raise GenerationError(f"the conversation is {len(ids)} tokens, beyond the context window of {self.context}.")
+        keep = 0
+        while keep < min(len(ids) - 1, len(self.ids)) and ids[keep] == self.ids[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        self.ids = ids[:keep]
+        logits = self.model(torch.tensor([ids[keep:]]), cache=self.cache, last_only=True)[:, -1]
+        self.ids += ids[keep:]
+        row = _RowText(self.params.stop + stops, self.tokenizer.token_bytes())
+        out: list[int] = []
+        room = self.context - len(self.ids)
+        for _ in range(min(self.params.max_new_tokens, room)):
+            token = int(sample_next(logits[:, : self.tokenizer.vocab_size], self.params, [self.generator])[0])
+            if token == self.tokenizer.eos_id:
+                break
+            out.append(token)
+            piece, hit = row.push(token)
+            if piece and on_text:
+                on_text(piece)
+            if hit or len(self.ids) + 1 >= self.context:
+                break
+            logits = self.model(torch.tensor([[token]]), cache=self.cache)[:, -1]
+            self.ids.append(token)
+        tail = row.flush()
+        if tail and on_text:
+            on_text(tail)
+        answer = row.data.decode("utf-8", errors="replace")
+        self.messages.append({"role": "assistant", "content": answer})  # verbatim, so it re-encodes to the cached tokens
+        self.last = TurnStats(len(ids), keep, len(ids) - keep, len(out))
+        return answer
