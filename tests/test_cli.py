@@ -123,3 +123,34 @@ def test_non_utf8_prompt_bytes_pass_through(trained_run: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(b"K\xffING:\n")  # the exact bytes given, then the continuation
     assert len(proc.stdout) > len(b"K\xffING:\n")
+
+
+def test_convert_hf_to_triform_to_hf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    from triform.tokenizers import BPETokenizer
+
+    from conftest import synthetic_text
+
+    BPETokenizer.train([synthetic_text(200, seed=5).encode()], vocab_size=300).save(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--max-shard-size", "20KB"]) == 0
+    assert "wrote hf checkpoint" in capsys.readouterr().out
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    x = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=x).logits, hf(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    assert main(["generate", str(tmp_path / "back"), "The king", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    # Bad input: an unsupported architecture, a truncated GGUF.
+    capsys.readouterr()
+    cfg = (tmp_path / "back" / "config.json").read_text().replace('"llama"', '"bloom"')
+    (tmp_path / "back" / "config.json").write_text(cfg)
+    assert "'bloom' is not supported" in _err(capsys, ["convert", str(tmp_path / "back"), str(tmp_path / "x")])
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    assert "bad.gguf" in _err(capsys, ["generate", str(tmp_path / "bad.gguf"), "hi"])

@@ -67,6 +67,12 @@ def test_bpe_token_bytes_account_for_every_byte(text: str) -> None:
 _BPE_CACHE: dict[str, BPETokenizer] = {}
 
 
+def test_bpe_never_parses_special_tokens_from_text(bpe: BPETokenizer) -> None:
+    ids = bpe.encode("say <mask> and <eos>")
+    assert bpe.special_id("<mask>") not in ids and bpe.eos_id not in ids
+    assert bpe.decode(ids) == "say <mask> and <eos>"
+
+
 def test_bpe_encode_array_matches_encode(bpe: BPETokenizer) -> None:
     data = synthetic_text(50, seed=4).encode()
     assert bpe.encode_array(data).tolist() == bpe.encode(data)

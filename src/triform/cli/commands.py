@@ -87,7 +87,7 @@ def generate(
     checkpoint: str, prompt: str | None = None, prompts: str | None = None, max_new_tokens: int = 256,
     temperature: float = 0.8, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
     stop: list[str] | None = None, truncate: bool = False, no_cache: bool = False, device: str = "auto",
-    trust_pickle: bool = False,
+    trust_pickle: bool = False, weights: str = "float32",
 ) -> None:
     """Continue a prompt with a trained model, streaming text as it is generated.
 
@@ -107,6 +107,7 @@ def generate(
         no_cache: Recompute the whole sequence each step instead of using the KV cache.
         device: "auto", "cpu" or "cuda".
         trust_pickle: Allow PyTorch pickle weights (.bin/.pt); unpickling can run arbitrary code.
+        weights: Inference weight storage: float32, bf16 or int8 (weight-only; see benchmarks/decode_smollm2.py).
     """
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
@@ -120,6 +121,7 @@ def generate(
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed,
     )
     lm, tokenizer, _ = load_pretrained(checkpoint, trust_pickle=trust_pickle, device=resolve_device(device))
+    lm = _inference_weights(lm, weights)
     if prompt is not None:
         data = _prompt_bytes(prompt)
         sys.stdout.buffer.write(data)
@@ -191,6 +193,16 @@ def presets() -> None:
         )
 
 
+def _inference_weights(model, weights: str):
+    from triform.inference.quantize import quantize_weights
+
+    if weights not in ("float32", "bf16", "int8"):
+        raise TriformError(f"--weights must be float32, bf16 or int8, got {weights!r}.")
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    return quantize_weights(model, weights)  # type: ignore[arg-type]
+
+
 def convert(src: str, dst: str, to: str = "auto", trust_pickle: bool = False, max_shard_size: str = "2GB") -> None:
     """Convert a checkpoint: HF folder or GGUF file to a triform checkpoint, or triform to an HF folder.
 
@@ -231,6 +243,7 @@ def _parse_size(text: str) -> int:
 def chat(
     checkpoint: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
     top_p: float = 0.9, top_k: int | None = None, seed: int | None = 0, device: str = "auto", stats: bool = False,
+    weights: str = "float32",
 ) -> None:
     """Talk to a model turn by turn; the KV cache is kept across turns, so only new text is encoded.
 
@@ -246,6 +259,7 @@ def chat(
         seed: Random seed for reproducible replies.
         device: "auto", "cpu" or "cuda".
         stats: After each reply, show how many prompt tokens came from the cache.
+        weights: Inference weight storage: float32, bf16 or int8.
     """
     from triform.inference.chat import ChatSession
     from triform.inference.sampling import SamplingParams
@@ -254,6 +268,7 @@ def chat(
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     model, tokenizer, _ = load_pretrained(checkpoint, device=resolve_device(device))
+    model = _inference_weights(model, weights)
     session = ChatSession(model, tokenizer, params, system=system)
     interactive = sys.stdin.isatty()
     while True:

@@ -14,7 +14,7 @@ import torch
 
 from triform.errors import CheckpointError
 from triform.models.decoder import DecoderLM
-from triform.tokenizers.base import Tokenizer
+from triform.tokenizers.base import Tokenizer, load_tokenizer
 
 
 def detect_format(path: Path) -> str:
@@ -61,7 +61,12 @@ def load_pretrained(
     model = load_hf(path, trust_pickle=trust_pickle)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
-    return model.to(device), HFTokenizer.from_folder(path), {"source": str(path), "format": "hf"}
+    try:
+        own_kind = json.loads((path / "tokenizer_config.json").read_text()).get("kind")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        own_kind = None
+    tokenizer = load_tokenizer(path) if own_kind else HFTokenizer.from_folder(path)  # exported by triform
+    return model.to(device), tokenizer, {"source": str(path), "format": "hf"}
 
 
 __all__ = ["load_pretrained", "detect_format"]

@@ -68,4 +68,8 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         return ByteTokenizer.load(Path(directory))
     if kind == "bpe":
         return BPETokenizer.load(Path(directory))
+    if kind == "hf":
+        from triform.tokenizers.hf import HFTokenizer
+
+        return HFTokenizer.load(Path(directory))
     raise CheckpointError(f"{path} names an unknown tokenizer kind {kind!r}.")

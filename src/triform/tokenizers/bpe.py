@@ -40,6 +40,8 @@ class BPETokenizer:
 
     def __init__(self, tokenizer) -> None:
         self._tok = tokenizer
+        # Text that happens to read "<mask>" is text: specials are control ids, never parsed from input.
+        self._tok.encode_special_tokens = True
         self.vocab_size = tokenizer.get_vocab_size()
         self.pad_id, self.bos_id, self.eos_id = (self.special_id(s) for s in DEFAULT_SPECIALS[:3])
         self._token_bytes: list[bytes] | None = None
@@ -100,7 +102,12 @@ class BPETokenizer:
 
     def save(self, directory: Path) -> None:
         self._tok.save(str(Path(directory) / "tokenizer.json"))
-        (Path(directory) / "tokenizer_config.json").write_text(json.dumps({"kind": self.kind}, indent=2))
+        # The HF fields make the folder loadable by transformers' AutoTokenizer as well.
+        meta = {
+            "kind": self.kind, "tokenizer_class": "PreTrainedTokenizerFast",
+            "pad_token": DEFAULT_SPECIALS[0], "bos_token": DEFAULT_SPECIALS[1], "eos_token": DEFAULT_SPECIALS[2],
+        }
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, directory: Path) -> BPETokenizer:
