@@ -7,13 +7,16 @@ import torch
 
 from triform.config import get_preset
 from triform.inference.generate import generate
-from triform.inference.quantize import BF16Linear, DecodeLinear, Int8Linear, quantize_weights
+from triform.inference.quantize import BF16Linear, DecodeLinear, Int8Linear, Int8WeightOnlyLinear, quantize_weights
 from triform.inference.sampling import SamplingParams
 from triform.models.decoder import DecoderLM
 from triform.tokenizers import ByteTokenizer
 
 
-@pytest.mark.parametrize("mode, cls, tol", [("int8", Int8Linear, 0.05), ("bf16", BF16Linear, 0.05)])
+@pytest.mark.parametrize(
+    "mode, cls, tol",
+    [("int8", Int8Linear, 0.05), ("int8-weight-only", Int8WeightOnlyLinear, 0.05), ("bf16", BF16Linear, 0.05)],
+)
 def test_quantized_model_stays_close(mode: str, cls: type, tol: float) -> None:
     torch.manual_seed(0)
     model = DecoderLM(get_preset("llama3-8b-tiny")).eval()
@@ -36,7 +39,7 @@ def test_int8_rows_are_symmetric_absmax() -> None:
     lin = torch.nn.Linear(8, 3, bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 0, 0, 0, 0, 0]] * 3) * torch.tensor([[1.0], [2.0], [4.0]]))
-    q = Int8Linear(lin)
+    q = Int8WeightOnlyLinear(lin)
     assert q.weight[:, 1].tolist() == [-127, -127, -127]
     torch.testing.assert_close(q.scale, torch.tensor([2.0, 4.0, 8.0]) / 127)
     x = torch.randn(5, 8)

@@ -107,7 +107,7 @@ def generate(
         no_cache: Recompute the whole sequence each step instead of using the KV cache.
         device: "auto", "cpu" or "cuda".
         trust_pickle: Allow PyTorch pickle weights (.bin/.pt); unpickling can run arbitrary code.
-        weights: Inference weight storage: float32, bf16 or int8 (weight-only; see benchmarks/decode_smollm2.py).
+        weights: Inference weights: float32, bf16, int8 or int8-weight-only (see benchmarks/decode_smollm2.py).
     """
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
@@ -196,8 +196,8 @@ def presets() -> None:
 def _inference_weights(model, weights: str):
     from triform.inference.quantize import quantize_weights
 
-    if weights not in ("float32", "bf16", "int8"):
-        raise TriformError(f"--weights must be float32, bf16 or int8, got {weights!r}.")
+    if weights not in ("float32", "bf16", "int8", "int8-weight-only"):
+        raise TriformError(f"--weights must be float32, bf16, int8 or int8-weight-only, got {weights!r}.")
     if next(model.parameters()).device.type != "cpu":
         return model
     return quantize_weights(model, weights)  # type: ignore[arg-type]
@@ -259,7 +259,7 @@ def chat(
         seed: Random seed for reproducible replies.
         device: "auto", "cpu" or "cuda".
         stats: After each reply, show how many prompt tokens came from the cache.
-        weights: Inference weight storage: float32, bf16 or int8.
+        weights: Inference weights: float32, bf16, int8 or int8-weight-only.
     """
     from triform.inference.chat import ChatSession
     from triform.inference.sampling import SamplingParams

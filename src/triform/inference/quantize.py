@@ -5,21 +5,25 @@ inside layers.
 (in, out) row-major: a single-row matmul then streams the weight in its memory order, which measured
 ~1.4x faster than torch's (out, in) layout for batch-1 decoding on the development CPU.
 ``quantize_weights(model, "int8")`` stores every linear layer's weight as int8 with one float32
-scale per output row (symmetric, absmax) and multiplies with torch's int8 weight-packed matmul;
-``"bf16"`` stores weights in bfloat16. Activations stay float32 at layer boundaries. Batch-1
+scale per output row (symmetric, absmax) and runs the packed int8 kernels with activations quantized
+per call; ``"int8-weight-only"`` keeps activations float32 and uses torch's int8 weight-packed
+matmul; ``"bf16"`` stores weights in bfloat16. Activations stay float32 at layer boundaries. Batch-1
 decoding reads every weight once per token, so it is bound by memory traffic, which smaller weights
 cut; benchmarks/decode_smollm2.py measures which mode pays off on the machine at hand.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WeightMode = Literal["float32", "int8", "bf16"]  # float32: the decode-friendly transposed layout
+WeightMode = Literal["float32", "int8", "int8-weight-only", "bf16"]  # float32: the decode-friendly transposed layout
 
 
 class DecodeLinear(nn.Module):
@@ -35,14 +39,52 @@ class DecodeLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 quantization with one float32 scale per output row."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies int8 with VNNI, so the packed kernels need no reduced range."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 class Int8Linear(nn.Module):
-    """y = x Wᵀ·s (+ b) with W int8 (out, in) and s float32 (out,)."""
+    """Int8 weights (per output row) with activations quantized to int8 on the fly for each call,
+    multiplied by fbgemm/oneDNN's packed int8 kernels (VNNI where the CPU has it)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q, scale = _int8_rows(linear.weight.detach().float())
+        self.out_features = q.shape[0]
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        with warnings.catch_warnings():  # torch flags its eager quantization API as moving to torchao
+            warnings.simplefilter("ignore")
+            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+        self.reduce_range = not _cpu_has_vnni()
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        # Without VNNI, reduce_range keeps products inside int16 (fbgemm's advice) at some accuracy cost.
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float().contiguous(), self._packed, self.reduce_range)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """y = x Wᵀ·s (+ b) with W int8 (out, in) and s float32 (out,): torch's int8 weight-packed matmul,
+    activations stay float32."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        q, scale = _int8_rows(linear.weight.detach().float())
+        self.register_buffer("weight", q)
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
 
@@ -78,7 +120,7 @@ def quantize_weights(model: nn.Module, mode: WeightMode) -> nn.Module:
     Tied output weights stay tied in effect: the output layer gets its own low-precision copy, and
     the embedding lookup keeps float32.
     """
-    kinds = {"float32": DecodeLinear, "int8": Int8Linear, "bf16": BF16Linear}
+    kinds = {"float32": DecodeLinear, "int8": Int8Linear, "int8-weight-only": Int8WeightOnlyLinear, "bf16": BF16Linear}
     if mode not in kinds:
         raise ValueError(f"unknown weight mode {mode!r}")
     kind = kinds[mode]
