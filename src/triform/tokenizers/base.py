@@ -37,6 +37,22 @@ class Tokenizer(Protocol):
     def save(self, directory: Path) -> None: ...
 
 
+class TokenTableDecoding:
+    """``decode_bytes`` / ``decode`` for tokenizers that know each token's exact bytes."""
+
+    def token_bytes(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """The bytes of ``ids``; special tokens contribute nothing."""
+        table = self.token_bytes()
+        return b"".join(table[i] for i in ids if 0 <= i < len(table))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``, with invalid UTF-8 shown as U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
 class StreamDecoder:
     """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
 

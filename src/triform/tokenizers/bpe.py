@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from triform.errors import CheckpointError, ConfigError
+from triform.tokenizers.base import TokenTableDecoding
 from triform.tokenizers.byte import DEFAULT_SPECIALS
 
 
@@ -33,7 +34,7 @@ def _byte_to_unicode() -> dict[int, str]:
 _UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
 
 
-class BPETokenizer:
+class BPETokenizer(TokenTableDecoding):
     """Wraps a ``tokenizers.Tokenizer`` with byte-level pre-tokenisation and triform's specials."""
 
     kind = "bpe"
@@ -93,12 +94,7 @@ class BPETokenizer:
             self._token_bytes = table
         return self._token_bytes
 
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        table = self.token_bytes()
-        return b"".join(table[i] for i in ids if 0 <= i < len(table))
 
-    def decode(self, ids: list[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, directory: Path) -> None:
         self._tok.save(str(Path(directory) / "tokenizer.json"))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from triform.errors import CheckpointError, ConfigError
+from triform.tokenizers.base import TokenTableDecoding
 from triform.tokenizers.bpe import _UNICODE_TO_BYTE
 
 _CONFIG = "tokenizer_config.json"
@@ -39,7 +40,7 @@ def _has_type(node: Any, name: str) -> bool:
     return False
 
 
-class HFTokenizer:
+class HFTokenizer(TokenTableDecoding):
     """A ``tokenizer.json`` tokenizer with named bos/eos/pad tokens and an optional chat template.
     eos is required; without a pad or bos token, pad_id and bos_id fall back to eos_id."""
 
@@ -104,14 +105,7 @@ class HFTokenizer:
             self._token_bytes = table
         return self._token_bytes
 
-    def decode_bytes(self, ids: list[int]) -> bytes:
-        """The bytes of ``ids``; special tokens contribute nothing."""
-        table = self.token_bytes()
-        return b"".join(table[i] for i in ids if 0 <= i < len(table))
 
-    def decode(self, ids: list[int]) -> str:
-        """Text of ``ids``, with invalid UTF-8 shown as U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """Render ``messages`` with the chat template exactly as ``transformers``' ``apply_chat_template``
