@@ -82,7 +82,7 @@ def write_gguf(path: Path, model, bpe, qtype: str = "F32", *, arch: str = "llama
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}.get(qtype, 0))
+    w.add_file_type({"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}.get(qtype, 0))
     vocab = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
     merges = [" ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     w.add_tokenizer_model("gpt2")
@@ -136,7 +136,7 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
         assert torch.equal(unpermute_qk(permuted, heads), w)
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_tiny_llama_round_trip(tmp_path: Path, hf_model, bpe, qtype: str) -> None:
     import gguf
 
@@ -151,8 +151,10 @@ def test_tiny_llama_round_trip(tmp_path: Path, hf_model, bpe, qtype: str) -> Non
             assert torch.equal(got, ref), name
         elif qtype == "F16":
             assert torch.equal(got, ref.half().float()), name
-        else:  # Q8_0: one f16 scale per 32 values, error at most half a step (plus the scale's rounding)
-            torch.testing.assert_close(got, ref, rtol=0, atol=float(ref.abs().max()) / 127, msg=name)
+        else:  # blocks of 32 values with an f16 scale: error at most about half a step of the block
+            steps = {"Q8_0": 127, "Q4_0": 7, "Q4_1": 7}[qtype]
+            torch.testing.assert_close(got, ref, rtol=0, atol=float(ref.abs().max()) / steps, msg=name)
+            assert not torch.equal(got, ref)
 
     # The unpermute is needed: read raw, llama.cpp's q rows do not line up with HF's, unpermuted they do.
     raw = {t.name: t for t in gguf.GGUFReader(path).tensors}["blk.0.attn_q.weight"]
