@@ -63,10 +63,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         q, scale = _int8_rows(linear.weight.detach().float())
         self.out_features = q.shape[0]
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
         bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():  # torch flags its eager quantization API as moving to torchao
             warnings.simplefilter("ignore")
+            zeros = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
             self._packed = torch.ops.quantized.linear_prepack(qw, bias)
         self.reduce_range = not _cpu_has_vnni()
 
