@@ -90,11 +90,12 @@ def _cached_logits(model: DecoderLM, x: torch.Tensor, split: int) -> torch.Tenso
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("backend", ["reference", "sdpa"])
-def test_cached_equals_uncached(name: str, backend: str) -> None:
+@pytest.mark.parametrize("split", [3, 20])  # prefill shorter and longer than Mistral's window of 16
+def test_cached_equals_uncached(name: str, backend: str, split: int) -> None:
     model = _model(name, attention=backend)
     x = _tokens(2, 48)
     with torch.no_grad():
-        torch.testing.assert_close(_cached_logits(model, x, 20), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_cached_logits(model, x, split), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("position", POSITIONS)

@@ -154,6 +154,7 @@ class KVCacheManager:
         hash blocks that become full). Writing into a shared last block first copies it. Returns the
         block table."""
         seq = self.seqs.setdefault(seq_id, SequenceBlocks())
+        self._release_outside_window(seq, first_new=seq.num_tokens)
         last = seq.num_tokens // self.block_size
         if seq.num_tokens % self.block_size and self.pool.blocks[seq.table[last]].ref_count > 1:
             (fresh,) = self.pool.allocate(1)
@@ -165,7 +166,6 @@ class KVCacheManager:
             seq.table += self.pool.allocate(grow)
         seq.num_tokens = max(seq.num_tokens, total_tokens)
         self._publish_full_blocks(seq, tokens)
-        self._release_outside_window(seq)
         return seq.table
 
     def _publish_full_blocks(self, seq: SequenceBlocks, tokens: list[int]) -> None:
@@ -178,11 +178,12 @@ class KVCacheManager:
             if seq.table[i] != NULL_BLOCK:
                 self.pool.publish(seq.table[i], h)
 
-    def _release_outside_window(self, seq: SequenceBlocks) -> None:
-        """Free blocks whose every position is out of reach: the newest query at position p sees p-W+1.. p."""
+    def _release_outside_window(self, seq: SequenceBlocks, first_new: int) -> None:
+        """Free blocks no query of this step can see: the first new token, at position ``first_new``,
+        sees positions first_new-W+1 onwards, and later ones see even less of the past."""
         if self.window is None:
             return
-        oldest_visible = seq.num_tokens - 1 - self.window + 1
+        oldest_visible = first_new - self.window + 1
         for i in range(len(seq.table)):
             if (i + 1) * self.block_size <= oldest_visible and seq.table[i] != NULL_BLOCK:
                 self.pool.release([seq.table[i]])

@@ -101,8 +101,8 @@ class DecoderLM(nn.Module):
         k_pos = cache.begin(positions) if cache is not None else positions
         window = self.cfg.stack.sliding_window
         inputs = AttentionInputs(cache=cache)
-        if aligned and (window is None or window >= t):
-            inputs.is_causal = True  # plain causal over 0..T-1: SDPA's fused kernel
+        if aligned and k_pos.shape[1] == t and (window is None or window >= t):
+            inputs.is_causal = True  # keys are exactly the queries, plain causal: SDPA's fused kernel
         else:
             inputs.mask = materialize(self.mask_fn, positions, k_pos)
         if self.rope is not None:
