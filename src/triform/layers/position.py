@@ -63,8 +63,9 @@ class RotaryEmbedding(nn.Module):
     def tables(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin for ``positions`` (B, T), each (B, 1, T, Dh/2), computed once per forward."""
         positions = positions.clamp(min=0)
-        if int(positions.max()) >= self.cos.shape[0]:
-            self._build(int(positions.max()) + 1)
+        needed = int(positions.max()) + 1  # one host sync per forward, shared by every layer
+        if needed > self.cos.shape[0]:
+            self._build(needed)
             self.to(positions.device)
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
