@@ -87,15 +87,17 @@ def generate(
     checkpoint: str, prompt: str | None = None, prompts: str | None = None, max_new_tokens: int = 256,
     temperature: float = 0.8, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
     stop: list[str] | None = None, truncate: bool = False, no_cache: bool = False, device: str = "auto",
-    trust_pickle: bool = False, weights: str = "float32",
+    trust_pickle: bool = False, weights: str = "float32", n: int = 1, kv_cache_gib: float = 1.0,
+    block_size: int = 16, max_num_seqs: int = 64, no_prefix_caching: bool = False,
 ) -> None:
-    """Continue a prompt with a trained model, streaming text as it is generated.
+    """Continue a prompt with a trained model, streaming text as it is generated; or run a file of
+    prompts through the serving engine (paged KV cache, continuous batching) with a progress bar.
 
     Args:
         checkpoint: A triform checkpoint or run folder, a Hugging Face model folder, or a .gguf file.
         prompt: The text to continue.
-        prompts: A file with one prompt per line (write \\n for a newline inside a prompt),
-            generated together as one left-padded batch.
+        prompts: A file with one prompt per line (write \\n for a newline inside a prompt), run
+            through the engine: requests join and leave the batch as they start and finish.
         max_new_tokens: Upper bound on generated tokens per prompt.
         temperature: Softmax temperature; 0 means greedy decoding.
         top_k: Sample only from the k most likely tokens.
@@ -104,10 +106,15 @@ def generate(
         stop: Stop when this string is generated; repeat the flag for several. Escapes such as
             \\n and \\t are understood, so --stop "\\n\\n" stops at a blank line.
         truncate: Keep the end of a prompt that is longer than the context window instead of failing.
-        no_cache: Recompute the whole sequence each step instead of using the KV cache.
+        no_cache: Recompute the whole sequence each step instead of using the KV cache (single prompt).
         device: "auto", "cpu" or "cuda".
         trust_pickle: Allow PyTorch pickle weights (.bin/.pt); unpickling can run arbitrary code.
         weights: Inference weights: float32, bf16, int8 or int8-weight-only (see benchmarks/decode_smollm2.py).
+        n: Completions per prompt (with --prompts); they share the prompt's KV blocks.
+        kv_cache_gib: KV cache memory of the engine, in GiB (with --prompts).
+        block_size: Tokens per KV block (with --prompts).
+        max_num_seqs: Most sequences decoding at once (with --prompts).
+        no_prefix_caching: Do not share KV blocks between prompts with a common prefix (with --prompts).
     """
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
@@ -118,10 +125,23 @@ def generate(
         raise TriformError("give exactly one of a prompt or --prompts FILE.")
     stops = tuple(_unescape(s) for s in stop or ())
     params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, stop=stops, seed=seed, n=n,
     )
+    if prompt is not None and n != 1:
+        raise TriformError("--n needs --prompts FILE (the engine); a single prompt streams one completion.")
+    engine_config = None
+    if prompts is not None:
+        from triform.inference.engine import EngineConfig
+
+        if not kv_cache_gib > 0:
+            raise TriformError(f"--kv-cache-gib must be positive, got {kv_cache_gib}.")
+        engine_config = EngineConfig(
+            block_size=block_size, kv_cache_memory=int(kv_cache_gib * 2**30), max_num_seqs=max_num_seqs,
+            prefix_caching=not no_prefix_caching,
+        )
     lm, tokenizer, _ = load_pretrained(checkpoint, trust_pickle=trust_pickle, device=resolve_device(device))
-    lm = _inference_weights(lm, weights)
+    if prompts is None or weights != "float32":  # the engine batches many rows: plain float32 layers suit it
+        lm = _inference_weights(lm, weights)
     if prompt is not None:
         data = _prompt_bytes(prompt)
         sys.stdout.buffer.write(data)
@@ -129,11 +149,18 @@ def generate(
         run_generation(lm, tokenizer, [data], params, use_cache=not no_cache, truncate=truncate, on_text=lambda _, t: _write(t))
         print()
         return
+    from triform.inference.engine import Engine
+    from triform.inference.generate import encode_prompts
+
     batch = _read_prompts(prompts)  # type: ignore[arg-type]
-    results = run_generation(lm, tokenizer, batch, params, use_cache=not no_cache, truncate=truncate)
+    ids = encode_prompts(tokenizer, batch, lm.cfg.stack.max_seq_len, truncate=truncate)
+    engine = Engine(lm, tokenizer, engine_config)
+    results = engine.generate(ids, params, progress=True)
     for i, (p, r) in enumerate(zip(batch, results)):
-        print(f"=== prompt {i + 1} ({r.finish_reason}) ===")
-        print(p.decode("utf-8", errors="replace") + r.text)
+        for j, c in enumerate(r.completions):
+            label = f"prompt {i + 1}" + (f", completion {j + 1}" if len(r.completions) > 1 else "")
+            print(f"=== {label} ({c.finish_reason}) ===")
+            print(p.decode("utf-8", errors="replace") + c.text)
 
 
 def evaluate(

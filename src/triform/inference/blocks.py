@@ -44,6 +44,7 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[bytes, int] = {}
         self.prefix_caching = prefix_caching
+        self.num_allocations = 0  # blocks handed out over the pool's life (a prefix hit takes none)
 
     @property
     def num_free(self) -> int:
@@ -63,6 +64,7 @@ class BlockPool:
                 block.block_hash = None
             block.ref_count = 1
             out.append(block_id)
+        self.num_allocations += n
         return out
 
     def share(self, block_ids: list[int]) -> None:
@@ -146,8 +148,18 @@ class KVCacheManager:
         return seq.num_tokens
 
     def can_allocate(self, seq_id: str, total_tokens: int) -> bool:
+        """Whether ``allocate(seq_id, ..., total_tokens)`` would find enough free blocks, counting the
+        copy-on-write of a shared last block and the blocks a sliding window frees first."""
         seq = self.seqs.get(seq_id, SequenceBlocks())
-        return self.blocks_needed(total_tokens) - len(seq.table) <= self.pool.num_free
+        freed = 0
+        outside = self._outside_window(seq, seq.num_tokens)
+        for i in outside:
+            freed += self.pool.blocks[seq.table[i]].ref_count == 1
+        need = max(0, self.blocks_needed(total_tokens) - len(seq.table))
+        last = seq.num_tokens // self.block_size
+        if seq.num_tokens % self.block_size and last not in outside and self.pool.blocks[seq.table[last]].ref_count > 1:
+            need += 1
+        return need <= self.pool.num_free + freed
 
     def allocate(self, seq_id: str, tokens: list[int], total_tokens: int) -> list[int]:
         """Make room for slots up to ``total_tokens`` (``tokens`` are the sequence's known ids, used to
@@ -178,16 +190,26 @@ class KVCacheManager:
             if seq.table[i] != NULL_BLOCK:
                 self.pool.publish(seq.table[i], h)
 
-    def _release_outside_window(self, seq: SequenceBlocks, first_new: int) -> None:
-        """Free blocks no query of this step can see: the first new token, at position ``first_new``,
+    def _outside_window(self, seq: SequenceBlocks, first_new: int) -> list[int]:
+        """Table indices of held blocks no query from position ``first_new`` on can see: that query
         sees positions first_new-W+1 onwards, and later ones see even less of the past."""
         if self.window is None:
-            return
+            return []
         oldest_visible = first_new - self.window + 1
-        for i in range(len(seq.table)):
-            if (i + 1) * self.block_size <= oldest_visible and seq.table[i] != NULL_BLOCK:
-                self.pool.release([seq.table[i]])
-                seq.table[i] = NULL_BLOCK
+        return [
+            i for i in range(len(seq.table))
+            if (i + 1) * self.block_size <= oldest_visible and seq.table[i] != NULL_BLOCK
+        ]
+
+    def _release_outside_window(self, seq: SequenceBlocks, first_new: int) -> None:
+        for i in self._outside_window(seq, first_new):
+            self.pool.release([seq.table[i]])
+            seq.table[i] = NULL_BLOCK
+
+    def release_outside_window(self, seq_id: str, next_position: int) -> None:
+        """After a step: free the blocks the sequence's next token (at ``next_position``) cannot see,
+        so between steps a sequence holds at most ceil(W/B)+1 blocks however long it runs."""
+        self._release_outside_window(self.seqs[seq_id], next_position)
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """A new sequence sharing every block of ``parent_id`` (parallel sampling of one prompt)."""

@@ -87,6 +87,8 @@ def generate(
     use_cache: bool = True, truncate: bool = False, on_text: Callable[[int, str], None] | None = None,
 ) -> list[Completion]:
     """Continue each prompt; ``on_text(row, piece)`` receives text as soon as it is safe to show."""
+    if params.n != 1:
+        raise GenerationError("n > 1 completions per prompt need the engine (triform.inference.engine).")
     model.eval()
     context = model.cfg.stack.max_seq_len
     ids = encode_prompts(tokenizer, prompts, context, truncate=truncate)
@@ -118,7 +120,7 @@ def generate(
             if reasons[i] is not None:
                 continue
             t = int(nxt[i])
-            if t == tokenizer.eos_id:
+            if t == tokenizer.eos_id and not params.ignore_eos:
                 reasons[i] = "eos"
                 piece = rows[i].flush()
             else:

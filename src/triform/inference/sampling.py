@@ -13,16 +13,22 @@ from triform.errors import GenerationError
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens. ``temperature=0`` is greedy; ``top_k``/``top_p`` restrict the candidates
-    (nucleus sampling, arXiv 1904.09751); ``seed`` makes sampling reproducible per request."""
+    (nucleus sampling, arXiv 1904.09751); ``seed`` makes sampling reproducible per request; ``n``
+    completions of one prompt share its KV blocks (engine only); ``ignore_eos`` keeps generating
+    to ``max_new_tokens`` (benchmarks)."""
 
+    n: int = 1
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float = 1.0
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise GenerationError(f"n (completions per prompt) must be a positive integer, got {self.n!r}.")
         if not self.temperature >= 0:
             raise GenerationError(f"temperature must be >= 0, got {self.temperature}.")
         if self.top_k is not None and (isinstance(self.top_k, bool) or self.top_k < 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -17,7 +18,9 @@ class AttentionInputs:
 
     ``rope`` holds (cos, sin) tables for the query positions, ``mask`` is boolean
     (B|1, 1, Tq, Tk) or None, ``bias`` additive (B|1, H, Tq, Tk) or None, ``cache`` an object
-    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache).
+    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache). ``attend``, when
+    set, replaces cache update + kernel: ``attend(layer, q, k, v, kernel) -> output`` (a cache that
+    runs attention itself, such as the paged engine's packed step).
     """
 
     mask: Tensor | None = None
@@ -25,6 +28,7 @@ class AttentionInputs:
     bias: Tensor | None = None
     rope: tuple[Tensor, Tensor] | None = None
     cache: object | None = None
+    attend: Callable[..., Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -68,6 +72,9 @@ class Attention(nn.Module):
             if inputs.rope is not None:
                 cos, sin = inputs.rope
                 q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+            if inputs.attend is not None:
+                y = inputs.attend(self.layer_idx, q, k, v, self.kernel)  # (B, Hq, Tq, Dh)
+                return self.resid_dropout(self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)))
             if inputs.cache is not None:
                 k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, Dh)
         y = self.kernel(

