@@ -234,18 +234,33 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--static-triform", action="store_true", help="also time triform's static-batch generate")
+    ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M shape with random weights, no GGUF")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "a" in args.parts or "b" in args.parts or "c" in args.parts:
-        path = gguf_path()
-        model, tok, _ = load_pretrained(path)
-        model = model.to(device=args.device, dtype=dtype).eval()
+        want_hf = ("a" in args.parts or "b" in args.parts) and not args.no_hf
         hf = None
-        if ("a" in args.parts or "b" in args.parts) and not args.no_hf:
-            import transformers
+        if args.random_weights:  # same shapes and work, no weight file (e.g. where the GGUF cannot travel)
+            from triform.interop.hf import config_to_hf, state_to_hf
 
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            torch.manual_seed(args.seed)
+            model, tok = DecoderLM(get_preset("smollm2-135m")), ByteTokenizer()
+            print("SmolLM2-135M shape with random weights; prompts are byte ids")
+            if want_hf:
+                import transformers
+
+                hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(model.cfg)))
+                hf.load_state_dict(state_to_hf(model), strict=False)
+        else:
+            path = gguf_path()
+            model, tok, _ = load_pretrained(path)
+            if want_hf:
+                import transformers
+
+                hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = model.to(device=args.device, dtype=dtype).eval()
+        if hf is not None:
             hf = hf.to(device=args.device, dtype=dtype).eval()
         if "a" in args.parts or "b" in args.parts:
             part_ab(model, tok, hf, args)

@@ -154,3 +154,31 @@ def test_convert_hf_to_triform_to_hf(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "'bloom' is not supported" in _err(capsys, ["convert", str(tmp_path / "back"), str(tmp_path / "x")])
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
     assert "bad.gguf" in _err(capsys, ["generate", str(tmp_path / "bad.gguf"), "hi"])
+
+
+def test_prompts_file_runs_through_the_engine(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_run: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING:\\n\nQUEEN:\\nThe\n")
+    greedy = ["--temperature", "0", "--max-new-tokens", "30"]
+    singles = []
+    for p in ("KING:\n", "QUEEN:\nThe"):
+        assert main(["generate", str(trained_run), p, *greedy]) == 0
+        singles.append(capsys.readouterr().out.rstrip("\n"))
+    assert main(["generate", str(trained_run), "--prompts", str(prompts), *greedy, "--block-size", "8"]) == 0
+    captured = capsys.readouterr()
+    blocks = [b.split(" ===\n", 1)[1].rstrip("\n") for b in captured.out.split("=== prompt ")[1:]]
+    assert blocks == singles  # the engine continues each prompt exactly as the single-prompt path does
+    assert "generate" in captured.err  # the progress bar
+    args = ["generate", str(trained_run), "--prompts", str(prompts), "--n", "2", "--temperature", "0.9", "--seed", "3"]
+    assert main([*args, "--max-new-tokens", "10"]) == 0
+    assert "=== prompt 2, completion 2" in capsys.readouterr().out
+
+
+def test_engine_flags_are_checked(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_run: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING:\n")
+    base = ["generate", str(trained_run), "--prompts", str(prompts)]
+    assert "block_size must be a positive integer" in _err(capsys, [*base, "--block-size", "0"])
+    assert "n (completions per prompt) must be a positive integer" in _err(capsys, [*base, "--n", "0"])
+    assert "--n needs --prompts" in _err(capsys, ["generate", str(trained_run), "hi", "--n", "2"])
+    assert "pool holds only" in _err(capsys, [*base, "--kv-cache-gib", "0.0000001", "--max-new-tokens", "50"])

@@ -169,8 +169,8 @@ class PagedBatch:
             if pages is None:
                 kr, vr = k[:, :, off : off + length], v[:, :, off : off + length]
             else:
-                kr = k_pages[:, pages].flatten(1, 2)[None].to(q.dtype)  # (1, Hkv, S, Dh)
-                vr = v_pages[:, pages].flatten(1, 2)[None].to(q.dtype)
+                kr = torch.index_select(k_pages, 1, pages).flatten(1, 2)[None].to(q.dtype)  # (1, Hkv, S, Dh)
+                vr = torch.index_select(v_pages, 1, pages).flatten(1, 2)[None].to(q.dtype)
             out[:, :, off : off + length] = kernel(
                 qr, kr, vr, mask=mask, bias=bias, is_causal=mask is None, dropout_p=0.0, scale=None,
             )

@@ -146,8 +146,9 @@ class PagedAttentionPlan:
         acc = torch.zeros((hkv, b, g * tq, dh), device=q.device)
         for lo, hi, pages, allowed, bias in self.parts:
             bj, span = hi - lo, pages.shape[1] * k_pages.shape[2]
-            keys = k_pages[:, pages].view(hkv, bj, span, dh)  # (Hkv, Bj, P, Dh), one gather
-            values = v_pages[:, pages].view(hkv, bj, span, dh)
+            flat = pages.flatten()  # index_select: several times faster than advanced indexing here
+            keys = torch.index_select(k_pages, 1, flat).view(hkv, bj, span, dh)  # (Hkv, Bj, P, Dh), one gather
+            values = torch.index_select(v_pages, 1, flat).view(hkv, bj, span, dh)
             s = torch.matmul(qg[:, lo:hi], keys.transpose(-2, -1)).float() * scale  # (Hkv, Bj, g·Tq, P)
             if bias is not None:
                 s = s + bias
