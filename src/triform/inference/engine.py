@@ -44,6 +44,9 @@ class EngineConfig:
         max_num_batched_tokens: tokens computed per step (decode tokens plus prompt chunks).
         prefill_chunk: longest piece of a prompt computed in one step.
         prefix_caching: reuse cached blocks of identical prompt prefixes.
+        attention_partition: tokens per partition of the paged decode kernel. Fixed partitions keep
+            every request's arithmetic independent of the batch; None picks 128 on CPU, and one
+            partition per step on GPUs, where kernel launches cost more than the extra reads.
     """
 
     block_size: int = 16
@@ -53,8 +56,13 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     prefill_chunk: int = 256
     prefix_caching: bool = True
+    attention_partition: int | None = None
 
     def __post_init__(self) -> None:
+        if self.attention_partition is not None and not (
+            isinstance(self.attention_partition, int) and self.attention_partition > 0
+        ):
+            raise ConfigError(f"attention_partition must be a positive integer, got {self.attention_partition!r}.")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}.")
         if self.num_blocks is None and not self.kv_cache_memory > 0:
@@ -135,6 +143,8 @@ class Engine:
             s.n_layers, num_blocks, s.n_kv_heads, c.block_size, s.head_dim, dtype=kv_dtype, device=self.device,
         )
         self.groups = s.n_heads // s.n_kv_heads
+        partition = c.attention_partition or (128 if self.device.type == "cpu" else None)
+        self.partition_blocks = None if partition is None else max(1, partition // c.block_size)
         self.alibi_slopes: Tensor | None = model.alibi.slopes if model.alibi is not None else None
         self.vocab = min(tokenizer.vocab_size, model.cfg.vocab_size)
         self.token_bytes = tokenizer.token_bytes()
@@ -229,7 +239,10 @@ class Engine:
         self.store.copy_blocks(kv.pending_copies)
         kv.pending_copies.clear()
         rows = [RowSpec(list(kv.seqs[seq.seq_id].table), seq.num_computed, n) for seq, n in sched.work]
-        batch = PagedBatch(self.store, rows, window=self.window, alibi_slopes=self.alibi_slopes, groups=self.groups)
+        batch = PagedBatch(
+            self.store, rows, window=self.window, alibi_slopes=self.alibi_slopes, groups=self.groups,
+            partition_blocks=self.partition_blocks,
+        )
         tokens = batch.tokens([seq.tokens[seq.num_computed : seq.num_computed + n] for seq, n in sched.work])
         hidden = self.model.hidden_states(tokens, positions=batch.positions, cache=batch)  # (1, N, d)
         ready = [i for i, (seq, n) in enumerate(sched.work) if seq.num_computed + n == len(seq.tokens)]

@@ -12,9 +12,10 @@ its block table:
 - multi-token rows (a prompt, or a chunk of one) one at a time with the model's kernel, over the
   chunk itself when nothing precedes it, otherwise over its pages gathered back.
 
-Every sequence's computation has shapes that depend on that sequence alone, and the packed row is
-padded to at least ``MIN_ROWS`` tokens (small matrix products take other kernels), so a request's
-greedy tokens do not depend on what else is in the batch.
+With fixed-size decode partitions (the engine's default on CPU) every sequence's computation has
+shapes that depend on that sequence alone, and the packed row is padded to at least ``MIN_ROWS``
+tokens (small matrix products take other kernels), so a request's greedy tokens do not depend on
+what else is in the batch.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class PagedBatch:
 
     ``tokens(ids)`` lays the rows' new token ids out as the packed (1, N) input and ``positions`` is
     the matching (1, N) position row (-1 on padding); ``last_index`` holds, per row, the packed
-    index of its last new token (where its next-token logits come from).
+    index of its last new token (where its next-token logits come from). ``partition_blocks`` sets
+    the paged kernel's partition (None: the whole table at once, fewest kernel launches).
     """
 
     def __init__(
@@ -108,7 +110,7 @@ class PagedBatch:
             q_pos = torch.tensor([[rows[i].start] for i in self._decode], device=dev)
             self._decode_plan = PagedAttentionPlan(
                 tables, q_pos, block_size=b, groups=groups, window=window, alibi_slopes=alibi_slopes,
-                partition_blocks=partition_blocks or max(1, 128 // b),
+                partition_blocks=partition_blocks or width,
             )
             self._decode_idx = torch.tensor([offsets[i] for i in self._decode], device=dev)
         self._mask_fn = decoder_mask(window)
