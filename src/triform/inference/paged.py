@@ -1,9 +1,8 @@
 """The tensor side of the paged KV cache: page storage, and the cache object of one engine step.
 
-``PagedKVStore`` holds keys/values as (L, Hkv, num_blocks, block_size, Dh): key/value heads lead,
-so gathering a row's pages gives a contiguous (Hkv, pages, block_size, Dh) array that matrix products
-take without another copy, and each head's slots form one (slots, Dh) array new tokens are scattered
-into. ``PagedBatch`` is what the model
+``PagedKVStore`` holds keys/values as (L, num_blocks, Hkv, block_size, Dh): a page is one
+contiguous piece, so gathering a row's pages streams whole pages, and within a page each key/value
+head's slots are contiguous for the matrix products. ``PagedBatch`` is what the model
 receives as its cache for one engine step: the step's new tokens from every sequence packed into one
 row (1, N), so every linear layer runs once over all of them, while attention runs per sequence from
 its block table:
@@ -40,14 +39,14 @@ class PagedKVStore:
         self, n_layers: int, num_blocks: int, n_kv_heads: int, block_size: int, head_dim: int,
         *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ) -> None:
-        shape = (n_layers, n_kv_heads, num_blocks, block_size, head_dim)
+        shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked slots must stay finite
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
 
     @property
     def bytes_per_block(self) -> int:
-        return 2 * self.k[:, :, 0].numel() * self.k.element_size()
+        return 2 * self.k[:, 0].numel() * self.k.element_size()
 
     @property
     def nbytes(self) -> int:
@@ -58,8 +57,8 @@ class PagedKVStore:
         if pairs:
             src = torch.tensor([s for s, _ in pairs], device=self.k.device)
             dst = torch.tensor([d for _, d in pairs], device=self.k.device)
-            self.k[:, :, dst] = self.k[:, :, src]
-            self.v[:, :, dst] = self.v[:, :, src]
+            self.k[:, dst] = self.k[:, src]
+            self.v[:, dst] = self.v[:, src]
 
 
 @dataclass(frozen=True)
@@ -91,14 +90,15 @@ class PagedBatch:
         for r in rows:
             offsets.append(len(pos))
             pos += range(r.start, r.start + r.length)
-            slots += [r.table[p // b] * b + p % b for p in range(r.start, r.start + r.length)]
+            slots += [(r.table[p // b], p % b) for p in range(r.start, r.start + r.length)]
         n_real = len(pos)
         pos += [-1] * (max(MIN_ROWS, n_real) - n_real)
         self.offsets = offsets
         self.positions = torch.tensor([pos], device=dev)  # (1, N)
         self.last_index = [o + r.length - 1 for o, r in zip(offsets, rows)]
         self._n_real = n_real
-        self._slots = torch.tensor(slots, device=dev)  # (n_real,) flat slot per new token
+        where = torch.tensor(slots, device=dev).reshape(-1, 2)
+        self._blocks, self._offsets = where[:, 0], where[:, 1]  # (n_real,) page and slot of each new token
         self.seen = max(r.start + r.length for r in rows)
         self._decode = [i for i, r in enumerate(rows) if r.length == 1]
         self._decode_plan: PagedAttentionPlan | None = None
@@ -156,11 +156,10 @@ class PagedBatch:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, kernel: Callable[..., Tensor]) -> Tensor:
         """Store the step's new keys/values (1, Hkv, N, Dh) in their slots, then attend: q (1, H, N, Dh)
         -> (1, H, N, Dh)."""
-        hkv, nb, bs, dh = self.store.k.shape[1:]
         n = self._n_real
-        k_pages, v_pages = self.store.k[layer], self.store.v[layer]  # (Hkv, blocks, B, Dh)
-        k_pages.view(hkv, nb * bs, dh)[:, self._slots] = k[0, :, :n].to(k_pages.dtype)
-        v_pages.view(hkv, nb * bs, dh)[:, self._slots] = v[0, :, :n].to(v_pages.dtype)
+        k_pages, v_pages = self.store.k[layer], self.store.v[layer]  # (blocks, Hkv, block_size, Dh)
+        k_pages[self._blocks, :, self._offsets] = k[0, :, :n].transpose(0, 1).to(k_pages.dtype)  # (n, Hkv, Dh)
+        v_pages[self._blocks, :, self._offsets] = v[0, :, :n].transpose(0, 1).to(v_pages.dtype)
         out = torch.zeros_like(q)
         if self._decode_plan is not None:
             qd = q[0, :, self._decode_idx].transpose(0, 1)[:, :, None]  # (Bd, H, 1, Dh)
@@ -171,8 +170,8 @@ class PagedBatch:
             if pages is None:
                 kr, vr = k[:, :, off : off + length], v[:, :, off : off + length]
             else:
-                kr = torch.index_select(k_pages, 1, pages).flatten(1, 2)[None].to(q.dtype)  # (1, Hkv, S, Dh)
-                vr = torch.index_select(v_pages, 1, pages).flatten(1, 2)[None].to(q.dtype)
+                kr = torch.index_select(k_pages, 0, pages).transpose(0, 1).flatten(1, 2)[None].to(q.dtype)  # (1, Hkv, S, Dh)
+                vr = torch.index_select(v_pages, 0, pages).transpose(0, 1).flatten(1, 2)[None].to(q.dtype)
             out[:, :, off : off + length] = kernel(
                 qr, kr, vr, mask=mask, bias=bias, is_causal=mask is None, dropout_p=0.0, scale=None,
             )

@@ -79,13 +79,15 @@ def sdpa_attention(
 class PagedAttentionPlan:
     """Attention straight from a paged KV store, planned once per forward and run for every layer.
 
-    Keys/values live in pages ``(Hkv, num_blocks, block_size, Dh)``; row b's block table
+    Keys/values live in pages ``(num_blocks, Hkv, block_size, Dh)``; row b's block table
     ``tables[b]`` lists its pages in order (a negative entry: no page, e.g. freed by a sliding
     window), so position p sits in page ``tables[b, p // block_size]`` at slot ``p % block_size``.
     A query at position q sees keys at positions <= q (and > q - window). Keys are visited in fixed
     partitions of ``partition_blocks`` pages with an online softmax, the PagedAttention kernel's
     scheme (arXiv 2309.06180) written in torch ops; each partition gathers only the rows that can
-    see into it (rows are visited longest first, so those rows are one contiguous slice).
+    see into it (rows are visited longest first, so those rows are one contiguous slice). Pages are
+    gathered along their leading dimension, which streams whole pages: on CPU it ran an order of
+    magnitude faster than gathering along an inner dimension.
 
     Every partition a row takes part in has the same shape whatever the other rows hold, and the
     batched products treat rows independently, so a row's output is bit-for-bit the same alone or in
@@ -98,7 +100,6 @@ class PagedAttentionPlan:
     ) -> None:
         b, tq = q_pos.shape
         pb, span = partition_blocks, partition_blocks * block_size
-        self.groups, self.tq = groups, tq
         last = q_pos.max(dim=1).values  # (B,) the furthest position each row's queries reach
         first = q_pos.clamp(min=0).min(dim=1).values
         order = torch.argsort(last, descending=True, stable=True)
@@ -114,7 +115,7 @@ class PagedAttentionPlan:
             lo_pos, hi_pos = j * span, (j + 1) * span
             # Rows whose queries reach this partition: a prefix of the longest-first order ...
             hi = sum(p >= lo_pos for p in last_list)
-            # ... minus those whose window has moved past it: a suffix of that prefix.
+            # ... minus those whose window has moved past it: a leading run of that prefix.
             lo = 0
             while window is not None and lo < hi and first_list[lo] - window + 1 >= hi_pos:
                 lo += 1
@@ -122,48 +123,49 @@ class PagedAttentionPlan:
                 continue
             pages = tables[lo:hi, j * pb : (j + 1) * pb]  # (Bj, pb)
             k_pos = torch.arange(lo_pos, hi_pos, device=tables.device)  # (P,)
-            allowed = (pages >= 0).repeat_interleave(block_size, dim=1)[:, None, :]  # (Bj, 1, P)
-            allowed = allowed & (k_pos <= qp[lo:hi, 0])  # (Bj, g·Tq, P)
+            allowed = (pages >= 0).repeat_interleave(block_size, dim=1)[:, None, None, :]  # (Bj, 1, 1, P)
+            allowed = allowed & (k_pos <= qp[lo:hi])  # (Bj, 1, g·Tq, P)
             if window is not None:
-                allowed = allowed & (k_pos > qp[lo:hi, 0] - window)
+                allowed = allowed & (k_pos > qp[lo:hi] - window)
             bias = None
             if alibi_slopes is not None:
                 dist = (q_pos[lo:hi, :, None] - k_pos).abs().float()  # (Bj, Tq, P)
-                bias = (-alibi_slopes[None, :, None, None] * dist[:, None])  # (Bj, H, Tq, P)
-                bias = bias.reshape(hi - lo, -1, groups * tq, span).transpose(0, 1)  # (Hkv, Bj, g·Tq, P)
-            self.parts.append((lo, hi, pages.clamp(min=0), allowed, bias))
+                bias = -alibi_slopes[None, :, None, None] * dist[:, None]  # (Bj, H, Tq, P)
+                bias = bias.reshape(hi - lo, -1, groups * tq, span)  # (Bj, Hkv, g·Tq, P), heads grouped like q
+            self.parts.append((lo, hi, pages.clamp(min=0).flatten(), ~allowed, bias))
 
     def __call__(self, q: Tensor, k_pages: Tensor, v_pages: Tensor, *, scale: float | None = None) -> Tensor:
         """q (B, H, Tq, Dh) -> (B, H, Tq, Dh)."""
         b, h, tq, dh = q.shape
-        hkv = k_pages.shape[0]
+        hkv, bs = k_pages.shape[1], k_pages.shape[2]
         g = h // hkv
         scale = dh**-0.5 if scale is None else scale
-        # Query head i·g + j uses key/value head i; key/value heads lead so gathered pages are contiguous.
-        qg = q[self.order].reshape(b, hkv, g * tq, dh).transpose(0, 1)  # (Hkv, B, g·Tq, Dh)
-        m = torch.full((hkv, b, g * tq, 1), float("-inf"), device=q.device)
-        denom = torch.zeros((hkv, b, g * tq, 1), device=q.device)
-        acc = torch.zeros((hkv, b, g * tq, dh), device=q.device)
-        for lo, hi, pages, allowed, bias in self.parts:
-            bj, span = hi - lo, pages.shape[1] * k_pages.shape[2]
-            flat = pages.flatten()  # index_select: several times faster than advanced indexing here
-            keys = torch.index_select(k_pages, 1, flat).view(hkv, bj, span, dh)  # (Hkv, Bj, P, Dh), one gather
-            values = torch.index_select(v_pages, 1, flat).view(hkv, bj, span, dh)
-            s = torch.matmul(qg[:, lo:hi], keys.transpose(-2, -1)).float() * scale  # (Hkv, Bj, g·Tq, P)
+        qg = (q[self.order] * scale).reshape(b, hkv, g * tq, dh)  # query head i·g + j uses key/value head i
+        m = torch.full((b, hkv, g * tq, 1), float("-inf"), device=q.device)
+        denom = torch.zeros((b, hkv, g * tq, 1), device=q.device)
+        acc = torch.zeros((b, hkv, g * tq, dh), device=q.device)
+        for lo, hi, pages, hidden, bias in self.parts:
+            bj, span = hi - lo, pages.numel() // (hi - lo) * bs
+
+            def gather(store: Tensor) -> Tensor:  # (Bj, Hkv, P, Dh)
+                pieces = torch.index_select(store, 0, pages).view(bj, -1, hkv, bs, dh)
+                return pieces.transpose(1, 2).reshape(bj, hkv, span, dh)
+
+            keys, values = gather(k_pages), gather(v_pages)
+            s = torch.matmul(qg[lo:hi], keys.transpose(-2, -1)).float()  # (Bj, Hkv, g·Tq, P)
             if bias is not None:
                 s = s + bias
-            s = s.masked_fill(~allowed, float("-inf"))
-            m_old = m[:, lo:hi]
+            s.masked_fill_(hidden, float("-inf"))
+            m_old = m[lo:hi]
             m_new = torch.maximum(m_old, s.amax(dim=-1, keepdim=True))
             ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # nothing seen yet: any finite reference
-            p = torch.exp(s - ref)
+            p = s.sub_(ref).exp_()
             carry = torch.exp(m_old - ref)
-            denom[:, lo:hi] = denom[:, lo:hi] * carry + p.sum(dim=-1, keepdim=True)
-            acc[:, lo:hi] = acc[:, lo:hi] * carry + torch.matmul(p.to(values.dtype), values).float()
-            m[:, lo:hi] = m_new
+            denom[lo:hi] = denom[lo:hi] * carry + p.sum(dim=-1, keepdim=True)
+            acc[lo:hi] = acc[lo:hi] * carry + torch.matmul(p.to(values.dtype), values).float()
+            m[lo:hi] = m_new
         out = acc / denom.clamp(min=torch.finfo(denom.dtype).tiny)  # a query that sees nothing gives 0
-        out = out.transpose(0, 1).reshape(b, h, tq, dh)[self.inverse]
-        return out.to(q.dtype)
+        return out.reshape(b, h, tq, dh)[self.inverse].to(q.dtype)
 
 
 def paged_attention(
@@ -172,9 +174,9 @@ def paged_attention(
     partition_blocks: int = 8,
 ) -> Tensor:
     """Attention of q (B, H, Tq, Dh) at positions q_pos (B, Tq) over paged keys/values
-    (Hkv, num_blocks, block_size, Dh) through block tables (B, n); see ``PagedAttentionPlan``."""
+    (num_blocks, Hkv, block_size, Dh) through block tables (B, n); see ``PagedAttentionPlan``."""
     plan = PagedAttentionPlan(
-        tables, q_pos, block_size=k_pages.shape[2], groups=q.shape[1] // k_pages.shape[0], window=window,
+        tables, q_pos, block_size=k_pages.shape[2], groups=q.shape[1] // k_pages.shape[1], window=window,
         alibi_slopes=alibi_slopes, partition_blocks=partition_blocks,
     )
     return plan(q, k_pages, v_pages, scale=scale)
