@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/shakespeare.py --data ../shared/data/tinyshakespeare.txt
 	$(BIN)/python benchmarks/decode_smollm2.py
+	$(BIN)/python benchmarks/serving.py --static-triform
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
