@@ -243,3 +243,117 @@ def count_parameters(cfg: DecoderConfig) -> int:
 __all__ = [
     "StackConfig", "DecoderConfig", "PRESETS", "get_preset", "count_parameters", "BYTE_VOCAB",
 ]
+
+
+EncoderFamily = Literal["bert", "roberta", "albert", "distilbert"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderConfig:
+    """An encoder-only model: the shared stack (bidirectional) plus its embedding front-end.
+
+    ``type_vocab_size`` 0 means no segment embeddings (DistilBERT); ``embedding_dim`` below
+    ``d_model`` is ALBERT's factorized embedding (projected up to the stack's width);
+    ``share_layers`` is ALBERT's cross-layer sharing (one block applied ``n_layers`` times);
+    ``position_offset`` shifts learned position ids (RoBERTa counts from ``pad_id + 1``);
+    ``pooler`` adds BERT's tanh layer over the first token.
+    """
+
+    stack: StackConfig
+    vocab_size: int
+    type_vocab_size: int = 2
+    embedding_dim: int | None = None
+    share_layers: bool = False
+    position_offset: int = 0
+    pad_id: int = 0
+    pooler: bool = True
+    family: EncoderFamily = "bert"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stack, dict):
+            object.__setattr__(self, "stack", StackConfig(**self.stack))
+        _check_positive("model", "vocab_size", self.vocab_size)
+        _check_literal("model", "family", self.family, EncoderFamily)
+        if isinstance(self.type_vocab_size, bool) or not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ConfigError(f"model.type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.")
+        emb = self.stack.d_model if self.embedding_dim is None else self.embedding_dim
+        _check_positive("model", "embedding_dim", emb)
+        object.__setattr__(self, "embedding_dim", emb)
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ConfigError(f"model.pad_id must lie in [0, vocab_size), got {self.pad_id!r}.")
+        if self.stack.position != "learned":
+            raise ConfigError("encoder models here use learned absolute positions (model.position='learned').")
+        if self.position_offset < 0 or self.position_offset >= self.stack.max_seq_len:
+            raise ConfigError(f"model.position_offset must lie in [0, max_seq_len), got {self.position_offset!r}.")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input the position table allows."""
+        return self.stack.max_seq_len - self.position_offset
+
+    def replace(self, **changes: Any) -> EncoderConfig:
+        """A copy with top-level fields and/or stack fields (by name) replaced."""
+        stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
+        stack_changes = {k: v for k, v in changes.items() if k in stack_fields}
+        top = {k: v for k, v in changes.items() if k not in stack_fields}
+        unknown = set(top) - {f.name for f in dataclasses.fields(EncoderConfig)}
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}.")
+        if "d_model" in stack_changes and "embedding_dim" not in top and self.embedding_dim == self.stack.d_model:
+            top["embedding_dim"] = None
+        stack = dataclasses.replace(self.stack, **_raw_stack(self.stack, stack_changes))
+        return dataclasses.replace(self, stack=stack, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
+        if not isinstance(data, dict) or "stack" not in data:
+            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
+        try:
+            return cls(stack=StackConfig(**data["stack"]), **{k: v for k, v in data.items() if k != "stack"})
+        except TypeError as exc:
+            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+def _bert(
+    d: int, layers: int, heads: int, ff: int, vocab: int, *, ctx: int = 512, family: EncoderFamily = "bert",
+    act: FFNKind = "gelu", **kw: Any,
+) -> EncoderConfig:
+    stack = StackConfig(
+        d_model=d, n_layers=layers, n_heads=heads, ffn=act, d_ff=ff, norm="layernorm", norm_eps=1e-12,
+        norm_placement="post", position="learned", max_seq_len=ctx, bias=True,
+    )
+    return EncoderConfig(stack=stack, vocab_size=vocab, family=family, **kw)
+
+
+ENCODER_PRESETS: dict[str, EncoderConfig] = {
+    "bert-base": _bert(768, 12, 12, 3072, 30522),
+    "roberta-base": _bert(768, 12, 12, 3072, 50265, ctx=514, family="roberta", type_vocab_size=1,
+                          position_offset=2, pad_id=1, pooler=False),
+    "albert-base": _bert(768, 12, 12, 3072, 30000, family="albert", act="gelu_tanh", embedding_dim=128,
+                         share_layers=True),
+    "distilbert-base": _bert(768, 6, 12, 3072, 30522, family="distilbert", type_vocab_size=0, pooler=False),
+    "minilm-l6": _bert(384, 6, 12, 1536, 30522),  # all-MiniLM-L6-v2's shape
+}
+ENCODER_PRESETS.update({
+    "bert-base-tiny": _bert(64, 2, 4, 128, BYTE_VOCAB, ctx=128),
+    "roberta-base-tiny": _bert(64, 2, 4, 128, BYTE_VOCAB, ctx=130, family="roberta", type_vocab_size=1,
+                               position_offset=2, pad_id=1, pooler=False),
+    "albert-base-tiny": _bert(64, 3, 4, 128, BYTE_VOCAB, ctx=128, family="albert", act="gelu_tanh",
+                              embedding_dim=32, share_layers=True),
+    "distilbert-base-tiny": _bert(64, 2, 4, 128, BYTE_VOCAB, ctx=128, family="distilbert", type_vocab_size=0,
+                                  pooler=False),
+    "minilm-l6-tiny": _bert(48, 2, 4, 96, BYTE_VOCAB, ctx=128),
+})
+
+
+def get_encoder_preset(name: str) -> EncoderConfig:
+    """The encoder preset called exactly ``name``; an unknown name raises ConfigError listing the choices."""
+    try:
+        return ENCODER_PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown encoder preset {name!r}; choose one of: {', '.join(sorted(ENCODER_PRESETS))}."
+        ) from None
