@@ -240,3 +240,30 @@ def best_span(start_logits: Tensor, end_logits: Tensor, allowed: Tensor, *, max_
         score = float(scores.view(-1)[best])
         out.append((best // t, best % t, score) if score > float("-inf") else (-1, -1, float("-inf")))
     return out
+
+
+@torch.no_grad()
+def student_from_teacher(teacher: EncoderForPreTraining) -> EncoderForPreTraining:
+    """DistilBERT's student (arXiv 1910.01108): half the teacher's layers, initialised from every other
+    teacher layer (0, 2, 4, ...), with the teacher's embeddings and masked-LM head; no segment
+    embeddings and no pooler. The teacher's segment-0 embedding is folded into the position table,
+    so on single-segment input the student starts from the teacher's embedding output exactly."""
+    cfg = teacher.cfg
+    if cfg.share_layers:
+        raise ValueError("a student is built from a teacher with separate layers (not ALBERT's shared one).")
+    student_cfg = cfg.replace(n_layers=max(1, cfg.stack.n_layers // 2), family="distilbert", type_vocab_size=0, pooler=False)
+    student = EncoderForPreTraining(student_cfg, pair_head=False)
+    t, s = teacher.encoder, student.encoder
+    s.embeddings.word.weight.copy_(t.embeddings.word.weight)
+    s.embeddings.position.weight.copy_(t.embeddings.position.weight)
+    if t.embeddings.token_type is not None:
+        s.embeddings.position.weight.add_(t.embeddings.token_type.weight[0])
+    s.embeddings.norm.load_state_dict(t.embeddings.norm.state_dict())
+    if t.embeddings.proj is not None and s.embeddings.proj is not None:
+        s.embeddings.proj.load_state_dict(t.embeddings.proj.state_dict())
+    for i, block in enumerate(s.blocks):
+        block.load_state_dict(t.blocks[2 * i].state_dict())
+    student.mlm.dense.load_state_dict(teacher.mlm.dense.state_dict())
+    student.mlm.norm.load_state_dict(teacher.mlm.norm.state_dict())
+    student.mlm.bias.copy_(teacher.mlm.bias)
+    return student
