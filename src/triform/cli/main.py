@@ -27,12 +27,15 @@ ModelOverrides.__doc__ = "Model fields that replace the preset's (any StackConfi
 
 COMMANDS = {
     "train": commands.train, "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate,
-    "convert": commands.convert, "presets": commands.presets,
+    "convert": commands.convert, "presets": commands.presets, "embed": commands.embed, "search": commands.search,
 }
 
 
 LIST_FLAGS = {"stop"}
-OPTIONAL_POSITIONALS = {"generate": {"prompt": "The text to continue (or use --prompts FILE)."}}
+OPTIONAL_POSITIONALS = {
+    "generate": {"prompt": "The text to continue (or use --prompts FILE)."},
+    "search": {"query": "What to look for (without it, only build the index)."},
+}
 
 
 def _bool_flags() -> set[str]:
