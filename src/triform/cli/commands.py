@@ -424,3 +424,107 @@ def search(
         print(f"#{rank}  score {hit.score:.4f}  [{hit.source}]")
         print(hit.text.strip())
         print()
+
+
+def pretrain(
+    objective: str = "mlm", preset: str = "bert-base-tiny", data: str | None = None, out: str = "runs/encoder",
+    context: int = 128, batch_size: int = 32, max_steps: int = 2000, time_budget: str | None = None, lr: float = 1e-3,
+    warmup_steps: int = 100, static_masks: bool = False, teacher: str | None = None, temperature: float = 2.0,
+    seed: int = 0, device: str = "auto",
+) -> None:
+    """Pretrain a byte-level encoder: masked-LM (RoBERTa), + next-sentence (BERT) or sentence-order
+    (ALBERT) prediction, or DistilBERT distillation from a teacher checkpoint.
+
+    Args:
+        objective: mlm, mlm+nsp, mlm+sop or distill.
+        preset: Encoder shape (see `triform presets`), e.g. bert-base-tiny, roberta-base-tiny, albert-base-tiny.
+            With distill the student's shape comes from the teacher (half its layers).
+        data: Text file, folder or glob. Default: Shakespeare's works, four plays held out.
+        out: Run folder; the checkpoint goes to OUT/checkpoint.
+        context: Tokens per input, [CLS] and [SEP] included.
+        batch_size: Sequences per step.
+        max_steps: Upper bound on optimizer steps.
+        time_budget: Wall-clock budget such as 5m; steps and the cosine schedule are fitted to it.
+        lr: Peak learning rate (linear warm-up, cosine decay).
+        warmup_steps: Warm-up steps.
+        static_masks: BERT's fixed masks per sequence instead of RoBERTa's fresh ones.
+        teacher: The teacher checkpoint for objective distill.
+        temperature: Distillation temperature.
+        seed: Random seed.
+        device: "auto", "cpu" or "cuda".
+    """
+    from triform.training.encoder_trainer import PretrainConfig
+    from triform.training.encoder_trainer import pretrain as run
+
+    cfg = PretrainConfig(
+        objective=objective, data=data, context=context, batch_size=batch_size, max_steps=max_steps,  # type: ignore[arg-type]
+        time_budget=time_budget, lr=lr, warmup_steps=warmup_steps, static_masks=static_masks, teacher=teacher,
+        temperature=temperature, seed=seed, device=device,
+    )
+    r = run(cfg, preset=preset, out_dir=out)
+    pair = "" if r.val_pair_accuracy is None else f", held-out pair accuracy {r.val_pair_accuracy:.3f}"
+    print(f"pretrained {r.steps} steps in {r.seconds:.0f} s: train loss {r.train_loss:.4f}, held-out masked-LM loss {r.val_mlm_loss:.4f}{pair}")
+    print(f"checkpoint: {r.checkpoint}")
+
+
+def fill(checkpoint: str, text: str, top_k: int = 5, generate: int = 0, steps: int | None = None, device: str = "auto") -> None:
+    """Fill each [MASK] in a text with a byte-level encoder's masked-LM head; or append --generate N
+    masks and fill them by iterative mask-predict, printing every round, to see why an encoder that
+    predicts all positions at once is not a natural left-to-right generator.
+
+    Args:
+        checkpoint: An encoder checkpoint from `triform pretrain`.
+        text: The text; each [MASK] stands for one byte.
+        top_k: Candidates shown per masked position.
+        generate: Append this many masks after the text and fill them over several rounds.
+        steps: Rounds of mask-predict (default: as many as masks, one filled per round).
+        device: "auto", "cpu" or "cuda".
+    """
+    import torch
+
+    from triform.training.encoder_trainer import load_encoder_checkpoint
+    from triform.training.trainer import resolve_device
+
+    model, tok, meta = load_encoder_checkpoint(checkpoint, device=resolve_device(device))
+    if meta.get("head") != "pretraining":
+        raise TriformError(f"{checkpoint} is a fine-tuned encoder; fill needs one with its masked-LM head.")
+    if top_k < 1 or generate < 0 or (steps is not None and steps < 1):
+        raise TriformError("--top-k and --steps must be positive, --generate non-negative.")
+    parts = _prompt_bytes(text).split(b"[MASK]")
+    ids = [tok.bos_id]
+    for i, part in enumerate(parts):
+        ids += list(part)
+        if i < len(parts) - 1:
+            ids.append(tok.mask_id)
+    ids += [tok.mask_id] * generate + [tok.eos_id]
+    if len(ids) > model.cfg.max_tokens:
+        raise TriformError(f"the input is {len(ids)} tokens; the model takes at most {model.cfg.max_tokens}.")
+    if tok.mask_id not in ids:
+        raise TriformError("the text has no [MASK] to fill; add some, or pass --generate N.")
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], device=dev)
+
+    def show(row: list[int]) -> str:
+        return "".join("▯" if t == tok.mask_id else chr(t) if t < 256 and chr(t).isprintable() or t == 10 else "" for t in row[1:-1])
+
+    with torch.inference_mode():
+        if generate == 0:
+            probs = model(x).mlm_logits[0, :, :256].softmax(-1)  # (T, 256): bytes only
+            for n, pos in enumerate((x[0] == tok.mask_id).nonzero().flatten().tolist(), start=1):
+                p, c = probs[pos].topk(top_k)
+                cands = "  ".join(f"{bytes([int(i)])!r}:{float(q):.3f}" for q, i in zip(p, c))
+                print(f"[MASK] {n} (position {pos}): {cands}")
+                x[0, pos] = int(c[0])
+            print(show(x[0].tolist()))
+            return
+        rounds = steps or generate
+        for r in range(1, rounds + 1):
+            masked = (x[0] == tok.mask_id).nonzero().flatten()
+            if masked.numel() == 0:
+                break
+            probs = model(x).mlm_logits[0, :, :256].softmax(-1)
+            conf, best = probs[masked].max(-1)
+            k = -(-masked.numel() // (rounds - r + 1))  # spread the remaining masks over the remaining rounds
+            pick = conf.topk(k).indices
+            x[0, masked[pick]] = best[pick]
+            print(f"round {r}: {show(x[0].tolist())}")

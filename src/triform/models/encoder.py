@@ -41,13 +41,14 @@ class EncoderEmbeddings(nn.Module):
         self.proj = nn.Linear(e, s.d_model) if e != s.d_model else None
 
     def positions(self, tokens: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """BERT counts positions 0..T-1; RoBERTa counts real tokens from pad_id + 1 (padding gets pad_id)."""
+        """BERT counts positions 0..T-1; RoBERTa counts real tokens from ``position_offset`` (its
+        padding index + 1), and padding gets ``position_offset - 1``."""
         b, t = tokens.shape
         if self.cfg.position_offset == 0:
             return torch.arange(t, device=tokens.device).expand(b, t)
         real = (tokens != self.cfg.pad_id) if attention_mask is None else attention_mask.bool()
         real = real.long()
-        return torch.cumsum(real, dim=1) * real + self.cfg.pad_id
+        return torch.cumsum(real, dim=1) * real + (self.cfg.position_offset - 1)
 
     def forward(self, tokens: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
         x = self.word(tokens) + self.position(self.positions(tokens, attention_mask))  # (B, T, E)

@@ -69,13 +69,14 @@ def sentence_pairs(
     """``n`` (segment A, segment B, label) pairs from documents given as lists of segments.
 
     ``task="nsp"``: label 1 when B follows A in the same document, 0 when B is a random segment of
-    another document. ``task="sop"``: A and B are always consecutive; label 1 in order, 0 swapped.
+    another document (of the same one, not adjacent, when there is only one).
+    ``task="sop"``: A and B are always consecutive; label 1 in order, 0 swapped.
     """
     if task not in ("nsp", "sop"):
         raise ValueError(f"task must be 'nsp' or 'sop', got {task!r}.")
     docs = [d for d in segments if len(d) >= 2]
-    if not docs or (task == "nsp" and len(segments) < 2):
-        raise ValueError("sentence-pair tasks need documents with at least two segments (and two documents for NSP).")
+    if not docs or (task == "nsp" and len(segments) < 2 and len(docs[0]) < 4):
+        raise ValueError("sentence-pair tasks need documents with at least two segments (four for NSP within one document).")
     out = []
     for _ in range(n):
         d = rng.randrange(len(docs))
@@ -87,8 +88,12 @@ def sentence_pairs(
                 a, b = b, a
             else:
                 others = [j for j in range(len(segments)) if segments[j] is not docs[d] and segments[j]]
-                other = segments[rng.choice(others)]
-                b = other[rng.randrange(len(other))]
+                if others:
+                    other = segments[rng.choice(others)]
+                    b = other[rng.randrange(len(other))]
+                else:  # one document: any segment that is not A's neighbour
+                    far = [j for j in range(len(docs[d])) if abs(j - i - 1) > 1 and j != i]
+                    b = docs[d][rng.choice(far)]
         out.append((a, b, label))
     return out
 

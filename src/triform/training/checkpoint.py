@@ -36,7 +36,7 @@ def _fsync_dir(path: Path) -> None:
 def model_state(model: DecoderLM) -> dict[str, torch.Tensor]:
     """The model's tensors to store: tied output weights once, everything contiguous."""
     state = model.state_dict()
-    if model.cfg.tie_embeddings:
+    if getattr(model.cfg, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
