@@ -346,6 +346,8 @@ ENCODER_PRESETS.update({
     "distilbert-base-tiny": _bert(64, 2, 4, 128, BYTE_VOCAB, ctx=128, family="distilbert", type_vocab_size=0,
                                   pooler=False),
     "minilm-l6-tiny": _bert(48, 2, 4, 96, BYTE_VOCAB, ctx=128),
+    # A byte-level BERT sized for CPU-minute budgets (benchmarks/encoders.py).
+    "bert-mini": _bert(128, 4, 4, 512, BYTE_VOCAB, ctx=512),
 })
 
 
