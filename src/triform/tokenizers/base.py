@@ -84,6 +84,10 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         return ByteTokenizer.load(Path(directory))
     if kind == "bpe":
         return BPETokenizer.load(Path(directory))
+    if kind == "wordpiece":
+        from triform.tokenizers.wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer.load(Path(directory))  # type: ignore[return-value]
     if kind == "hf":
         from triform.tokenizers.hf import HFTokenizer
 

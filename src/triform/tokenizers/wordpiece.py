@@ -100,6 +100,17 @@ class WordPieceTokenizer:
             types[r, :n] = torch.tensor(e.type_ids)
         return EncodedBatch(ids, mask, types)
 
+    def save(self, directory: Path) -> None:
+        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` naming this kind (for checkpoints)."""
+        import json
+
+        self._tok.save(str(Path(directory) / "tokenizer.json"))
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps({"kind": self.kind}, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> WordPieceTokenizer:
+        return cls(Path(directory) / "tokenizer.json")
+
     def tokens(self, ids: list[int]) -> list[str]:
         return [self._tok.id_to_token(i) or "" for i in ids]
 

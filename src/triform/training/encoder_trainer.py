@@ -192,9 +192,7 @@ def load_encoder_checkpoint(path: Path | str, *, device: str | torch.device = "c
         raise CheckpointError(f"{folder / 'model.safetensors'} does not match its config.")
     model.load_state_dict(state)
     tok = load_tokenizer(folder)
-    if not isinstance(tok, ByteTokenizer):
-        raise CheckpointError(f"{folder} uses a {tok.kind} tokenizer; byte-level encoders are what pretrain writes.")
-    return model.to(device).eval(), tok, meta
+    return model.to(device).eval(), tok, meta  # type: ignore[return-value]
 
 
 def _objective_loss(

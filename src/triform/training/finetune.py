@@ -174,7 +174,7 @@ def _base_model(base: str, n_labels: int, dropout: float) -> tuple[EncoderForSeq
         encoder: Encoder = pre.encoder  # type: ignore[assignment]
         model = EncoderForSequenceClassification(encoder.cfg.replace(dropout=dropout), n_labels)
         model.encoder.load_state_dict(encoder.state_dict(), strict=False)
-        return model, ByteTextEncoder(tok), "checkpoint"
+        return model, (tok if isinstance(tok, WordPieceTokenizer) else ByteTextEncoder(tok)), "checkpoint"
     tok = ByteTokenizer()
     cfg = get_encoder_preset(base).replace(vocab_size=-(-tok.vocab_size // 8) * 8, pad_id=tok.pad_id, dropout=dropout)
     return EncoderForSequenceClassification(cfg, n_labels), ByteTextEncoder(tok), "scratch"
@@ -200,7 +200,6 @@ def finetune_classifier(
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     budget = parse_duration(cfg.time_budget)
     opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    warmup = max(1, total // 10)
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr, desc="finetune")
     t0, step = time.perf_counter(), 0
@@ -212,7 +211,8 @@ def finetune_classifier(
         idx = torch.tensor(order[: cfg.batch_size])
         order = order[cfg.batch_size :]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=cfg.lr, min_lr=cfg.lr / 10, warmup=warmup, total=total)
+            # 10% warm-up of the (possibly budget-fitted) step count, then cosine decay to a tenth
+            group["lr"] = lr_at(step, lr=cfg.lr, min_lr=cfg.lr / 10, warmup=max(1, total // 10), total=total)
         model.train()
         width = int(enc.attention_mask[idx].sum(1).max())  # trim the batch's padding
         logits = model(enc.input_ids[idx, :width].to(device), attention_mask=enc.attention_mask[idx, :width].to(device),
@@ -233,7 +233,8 @@ def finetune_classifier(
             break
     bar.close()
     clf = Classifier(model.eval(), text_encoder, labels, max_length)
-    if out_dir is not None and isinstance(text_encoder, ByteTextEncoder):
+    if out_dir is not None:
         meta = {"kind": "encoder", "head": "sequence", "num_labels": len(labels), "labels": labels, "max_length": max_length}
-        save_checkpoint(Path(out_dir) / CHECKPOINT_DIR, model, text_encoder.tok, extra=meta)
+        tok = text_encoder.tok if isinstance(text_encoder, ByteTextEncoder) else text_encoder
+        save_checkpoint(Path(out_dir) / CHECKPOINT_DIR, model, tok, extra=meta)
     return clf
