@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/shakespeare.py --data ../shared/data/tinyshakespeare.txt
 	$(BIN)/python benchmarks/decode_smollm2.py
 	$(BIN)/python benchmarks/serving.py --static-triform
+	$(BIN)/python benchmarks/encoders.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
