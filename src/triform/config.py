@@ -115,14 +115,7 @@ class DecoderConfig:
 
     def replace(self, **changes: Any) -> DecoderConfig:
         """A copy with top-level fields and/or stack fields (by name) replaced."""
-        stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
-        stack_changes = {k: v for k, v in changes.items() if k in stack_fields}
-        top = {k: v for k, v in changes.items() if k not in stack_fields}
-        unknown = set(top) - {f.name for f in dataclasses.fields(DecoderConfig)}
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}.")
-        stack = dataclasses.replace(self.stack, **_raw_stack(self.stack, stack_changes))
-        return dataclasses.replace(self, stack=stack, **top)
+        return _replace_family(self, changes)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict that :meth:`from_dict` turns back into an equal config."""
@@ -139,6 +132,18 @@ class DecoderConfig:
             return cls(stack=stack, **rest)
         except TypeError as exc:
             raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+def _replace_family(cfg: Any, changes: dict[str, Any]) -> Any:
+    """``cfg`` (a family config composing a StackConfig) with top-level and stack fields replaced."""
+    stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
+    stack_changes = {k: v for k, v in changes.items() if k in stack_fields}
+    top = {k: v for k, v in changes.items() if k not in stack_fields}
+    unknown = set(top) - {f.name for f in dataclasses.fields(cfg)}
+    if unknown:
+        raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}.")
+    stack = dataclasses.replace(cfg.stack, **_raw_stack(cfg.stack, stack_changes))
+    return dataclasses.replace(cfg, stack=stack, **top)
 
 
 def _raw_stack(stack: StackConfig, changes: dict[str, Any]) -> dict[str, Any]:
@@ -292,17 +297,11 @@ class EncoderConfig:
         return self.stack.max_seq_len - self.position_offset
 
     def replace(self, **changes: Any) -> EncoderConfig:
-        """A copy with top-level fields and/or stack fields (by name) replaced."""
-        stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
-        stack_changes = {k: v for k, v in changes.items() if k in stack_fields}
-        top = {k: v for k, v in changes.items() if k not in stack_fields}
-        unknown = set(top) - {f.name for f in dataclasses.fields(EncoderConfig)}
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(sorted(unknown))}.")
-        if "d_model" in stack_changes and "embedding_dim" not in top and self.embedding_dim == self.stack.d_model:
-            top["embedding_dim"] = None
-        stack = dataclasses.replace(self.stack, **_raw_stack(self.stack, stack_changes))
-        return dataclasses.replace(self, stack=stack, **top)
+        """A copy with top-level fields and/or stack fields (by name) replaced; an embedding width that
+        followed d_model keeps following it."""
+        if "d_model" in changes and "embedding_dim" not in changes and self.embedding_dim == self.stack.d_model:
+            changes = {**changes, "embedding_dim": None}
+        return _replace_family(self, changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -205,6 +205,14 @@ class EncoderForPreTraining(nn.Module):
         return PreTrainingOutput(self.mlm(hidden), pair, hidden)
 
 
+def _head(d_model: int, outputs: int) -> nn.Linear:
+    """A task head's linear layer with BERT's initialisation."""
+    head = nn.Linear(d_model, outputs)
+    nn.init.normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class EncoderForSequenceClassification(nn.Module):
     """Pooled first token -> dropout -> linear (B, num_labels). Families without a pooler get one."""
 
@@ -213,9 +221,7 @@ class EncoderForSequenceClassification(nn.Module):
         self.cfg, self.num_labels = cfg, num_labels
         self.encoder = Encoder(cfg.replace(pooler=True))
         self.drop = nn.Dropout(cfg.stack.dropout)
-        self.head = nn.Linear(cfg.stack.d_model, num_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = _head(cfg.stack.d_model, num_labels)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
         hidden = self.encoder(tokens, attention_mask=attention_mask, token_type_ids=token_type_ids)
@@ -230,9 +236,7 @@ class EncoderForTokenClassification(nn.Module):
         self.cfg, self.num_labels = cfg, num_labels
         self.encoder = Encoder(cfg)
         self.drop = nn.Dropout(cfg.stack.dropout)
-        self.head = nn.Linear(cfg.stack.d_model, num_labels)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = _head(cfg.stack.d_model, num_labels)
 
     def forward(self, tokens: Tensor, *, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None) -> Tensor:
         hidden = self.encoder(tokens, attention_mask=attention_mask, token_type_ids=token_type_ids)
@@ -246,9 +250,7 @@ class EncoderForQuestionAnswering(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.head = nn.Linear(cfg.stack.d_model, 2)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = _head(cfg.stack.d_model, 2)
 
     def forward(
         self, tokens: Tensor, *, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None,
