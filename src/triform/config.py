@@ -37,6 +37,7 @@ class StackConfig:
     """The shared transformer stack: width, depth, attention heads, FFN, norm and positions.
 
     ``n_kv_heads`` below ``n_heads`` gives grouped-query attention (1 gives multi-query);
+    ``scale_attention=False`` leaves scores unscaled (T5);
     ``head_dim`` defaults to ``d_model // n_heads`` and ``d_ff`` to 4·d (GELU/ReLU) or the
     Llama rule 8/3·d rounded up to a multiple of 256 (gated FFNs).
     """
@@ -58,6 +59,7 @@ class StackConfig:
     dropout: float = 0.0
     bias: bool = True
     attention: AttentionBackend = "sdpa"
+    scale_attention: bool = True  # divide scores by sqrt(head_dim); T5 folds that into its initialisation
 
     def __post_init__(self) -> None:
         owner = "model"
@@ -358,3 +360,70 @@ def get_encoder_preset(name: str) -> EncoderConfig:
         raise ConfigError(
             f"unknown encoder preset {name!r}; choose one of: {', '.join(sorted(ENCODER_PRESETS))}."
         ) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Seq2SeqConfig:
+    """An encoder-decoder model (T5 / ByT5): two stacks of the shared blocks, one vocabulary.
+
+    Positions are T5's bucketed relative bias (``num_buckets``, ``max_distance``), one table per stack
+    shared by all its layers. ``scale_output`` multiplies the decoder output by d_model^-0.5 before
+    the output layer (T5 1.0, whose embeddings are tied; T5 1.1 and ByT5 do not scale).
+    """
+
+    encoder: StackConfig
+    decoder: StackConfig
+    vocab_size: int
+    tie_embeddings: bool = True
+    num_buckets: int = 32
+    max_distance: int = 128
+    pad_id: int = 0
+    eos_id: int = 1
+    decoder_start_id: int = 0
+    scale_output: bool | None = None  # multiply decoder output by d^-0.5 (T5 1.0); default: when tied
+    family: str = "t5"
+
+    def __post_init__(self) -> None:
+        if self.scale_output is None:
+            object.__setattr__(self, "scale_output", self.tie_embeddings)
+        for name in ("encoder", "decoder"):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, StackConfig(**getattr(self, name)))
+        _check_positive("model", "vocab_size", self.vocab_size)
+        _check_positive("model", "num_buckets", self.num_buckets)
+        _check_positive("model", "max_distance", self.max_distance)
+        e, d = self.encoder, self.decoder
+        if (e.d_model, e.n_heads) != (d.d_model, d.n_heads):
+            raise ConfigError("model.encoder and model.decoder must share d_model and n_heads.")
+        for name, value in (("pad_id", self.pad_id), ("eos_id", self.eos_id), ("decoder_start_id", self.decoder_start_id)):
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{name} must lie in [0, vocab_size), got {value!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Seq2SeqConfig:
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+def _t5_stack(d: int, layers: int, heads: int, d_kv: int, ff: int, ffn: FFNKind) -> StackConfig:
+    return StackConfig(
+        d_model=d, n_layers=layers, n_heads=heads, head_dim=d_kv, ffn=ffn, d_ff=ff, norm="rmsnorm", norm_eps=1e-6,
+        norm_placement="pre", position="none", max_seq_len=1024, bias=False, scale_attention=False,
+    )
+
+
+def t5_config(
+    d: int, layers: int, heads: int, d_kv: int, ff: int, vocab: int, *, gated: bool, decoder_layers: int | None = None,
+    tie: bool | None = None,
+) -> Seq2SeqConfig:
+    """T5 1.0 (ReLU FFN, tied embeddings) or T5 1.1 / ByT5 (gated GELU, untied) shapes."""
+    ffn: FFNKind = "geglu" if gated else "relu"
+    return Seq2SeqConfig(
+        encoder=_t5_stack(d, layers, heads, d_kv, ff, ffn), decoder=_t5_stack(d, decoder_layers or layers, heads, d_kv, ff, ffn),
+        vocab_size=vocab, tie_embeddings=(not gated) if tie is None else tie,
+    )

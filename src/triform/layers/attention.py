@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.dropout_p = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.kernel = BACKENDS[cfg.attention]
+        self.scale: float | None = None if cfg.scale_attention else 1.0
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
@@ -79,7 +80,7 @@ class Attention(nn.Module):
                 k, v = inputs.cache.update(self.layer_idx, k, v)  # (B, Hkv, Tk, Dh)
         y = self.kernel(
             q, k, v, mask=inputs.mask, bias=inputs.bias, is_causal=inputs.is_causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=None,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.scale,
         )  # (B, Hq, Tq, Dh)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_dropout(self.o(y))

@@ -101,3 +101,37 @@ class ALiBi(nn.Module):
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()  # (B|1, Tq, Tk)
         return -self.slopes[:, None, None] * dist[:, None]  # (B|1, H, Tq, Tk)
+
+
+def t5_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucket of each relative position (key - query): exact buckets for small distances,
+    logarithmically wider ones up to ``max_distance``; bidirectional buckets split by direction,
+    causal ones see only the past (arXiv 1910.10683, §2.1)."""
+    buckets = torch.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative > 0).long() * num_buckets
+        distance = relative.abs()
+    else:
+        distance = (-relative).clamp(min=0)
+    exact = num_buckets // 2
+    log_scaled = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    large = (exact + log_scaled.long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < exact, distance, large)
+
+
+class T5RelativeBias(nn.Module):
+    """A learned scalar per (bucket, head) added to attention scores; computed once per forward and
+    shared by every layer of a stack (T5's first layer owns the table)."""
+
+    def __init__(self, n_heads: int, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128) -> None:
+        super().__init__()
+        self.bidirectional, self.num_buckets, self.max_distance = bidirectional, num_buckets, max_distance
+        self.weight = nn.Parameter(torch.zeros(num_buckets, n_heads))
+
+    def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        """Bias (B|1, H, Tq, Tk) for query positions (B|1, Tq) and key positions (B|1, Tk)."""
+        relative = k_pos[..., None, :] - q_pos[..., :, None]  # (B|1, Tq, Tk)
+        bucket = t5_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                           max_distance=self.max_distance)
+        return self.weight[bucket].permute(0, 3, 1, 2)  # (B|1, H, Tq, Tk)
