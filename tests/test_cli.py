@@ -134,9 +134,9 @@ def test_convert_hf_to_triform_to_hf(tmp_path: Path, capsys: pytest.CaptureFixtu
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=300, max_position_embeddings=64)).eval()
     hf.save_pretrained(tmp_path / "hf")
-    from triform.tokenizers import BPETokenizer
-
     from conftest import synthetic_text
+
+    from triform.tokenizers import BPETokenizer
 
     BPETokenizer.train([synthetic_text(200, seed=5).encode()], vocab_size=300).save(tmp_path / "hf")
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0

@@ -8,8 +8,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import synthetic_text
+
 from triform.config import get_encoder_preset
 from triform.models.encoder import EncoderForPreTraining, student_from_teacher
 from triform.objectives.masked_lm import (

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import transformers
 
 from triform.errors import CheckpointError, ConfigError

@@ -13,7 +13,6 @@ import random
 from triform.data.shakespeare import PLAY_GENRES, VAL_PLAYS, fetch_shakespeare
 from triform.inference.search import split_passages
 
-
 GENRES = ("comedy", "history", "tragedy")
 
 
