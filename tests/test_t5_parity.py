@@ -67,3 +67,29 @@ def test_t5_export_loads_into_transformers(gated: bool, tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(ours(src, tgt, source_mask=mask), back(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_greedy_generation_matches_transformers(gated: bool) -> None:
+    from triform.inference.sampling import SamplingParams
+    from triform.inference.seq2seq import seq2seq_generate
+
+    hf = _hf(gated)
+    ours = t5_from_hf(t5_config_from_hf(hf.config.to_dict()), hf.state_dict())
+    src, mask, _ = _batch(seed=5)
+    with torch.no_grad():
+        want = hf.generate(input_ids=src, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1)
+    got = seq2seq_generate(ours, src, mask, params=SamplingParams(temperature=0.0, max_new_tokens=12))
+    for row, ids in zip(want.tolist(), got):
+        row = row[1:]  # HF includes the decoder start token
+        expected = row[: row.index(1)] if 1 in row else row  # up to the end-of-sequence token
+        assert ids == expected
+
+
+def test_seq2seq_generation_rejects_empty_source() -> None:
+    from triform.errors import GenerationError
+    from triform.inference.seq2seq import seq2seq_generate
+
+    ours = t5_from_hf(t5_config_from_hf(_hf(False).config.to_dict()), _hf(False).state_dict())
+    with pytest.raises(GenerationError, match="empty source"):
+        seq2seq_generate(ours, torch.zeros(2, 0, dtype=torch.long))

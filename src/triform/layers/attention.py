@@ -18,7 +18,8 @@ class AttentionInputs:
 
     ``rope`` holds (cos, sin) tables for the query positions, ``mask`` is boolean
     (B|1, 1, Tq, Tk) or None, ``bias`` additive (B|1, H, Tq, Tk) or None, ``cache`` an object
-    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache). ``attend``, when
+    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache), or for cross-attention
+    a dict that keeps each layer's memory keys/values after their first use. ``attend``, when
     set, replaces cache update + kernel: ``attend(layer, q, k, v, kernel) -> output`` (a cache that
     runs attention itself, such as the paged engine's packed step).
     """
@@ -65,7 +66,13 @@ class Attention(nn.Module):
         if self.cross:
             assert memory is not None, "cross-attention needs encoder memory"
             q = self._heads(self.q(x), self.n_heads)
-            k, v = (self._heads(z, self.n_kv_heads) for z in self.kv(memory).chunk(2, dim=-1))
+            cached = inputs.cache.get(self.layer_idx) if isinstance(inputs.cache, dict) else None
+            if cached is None:  # memory keys/values: computed once per request when a dict cache is given
+                k, v = (self._heads(z, self.n_kv_heads) for z in self.kv(memory).chunk(2, dim=-1))
+                if isinstance(inputs.cache, dict):
+                    inputs.cache[self.layer_idx] = (k, v)
+            else:
+                k, v = cached
         else:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
             q, k, v = self.qkv(x).split((q_out, kv_out, kv_out), dim=-1)

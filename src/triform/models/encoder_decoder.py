@@ -79,8 +79,10 @@ class Seq2Seq(nn.Module):
 
     def decode(
         self, target: Tensor, memory: Tensor, source_mask: Tensor | None = None, *, cache: KVCache | None = None,
+        memory_cache: dict | None = None,
     ) -> Tensor:
-        """Logits (B, T, V) for target tokens (B, T), after ``cache.seen`` tokens already decoded."""
+        """Logits (B, T, V) for target tokens (B, T), after ``cache.seen`` tokens already decoded.
+        ``memory_cache`` (an empty dict at the first step) keeps cross-attention keys/values across steps."""
         b, t = target.shape
         offset = cache.seen if cache is not None else 0
         positions = torch.arange(offset, offset + t, device=target.device).expand(b, t)
@@ -88,7 +90,7 @@ class Seq2Seq(nn.Module):
         inputs = AttentionInputs(
             mask=materialize(self.causal, positions, k_pos), bias=self.decoder_bias(positions, k_pos), cache=cache,
         )
-        memory_inputs = AttentionInputs()
+        memory_inputs = AttentionInputs(cache=memory_cache)
         if source_mask is not None and not bool(source_mask.all()):
             memory_inputs.mask = source_mask.bool()[:, None, None, :]
         x = self.drop(self.shared(target))
