@@ -15,13 +15,13 @@ from triform.interop.hf_t5 import save_hf_t5, t5_config_from_hf, t5_from_hf
 VOCAB = 120
 
 
-def _hf(gated: bool) -> transformers.T5ForConditionalGeneration:
+def _hf(gated: bool, eos: int = 1) -> transformers.T5ForConditionalGeneration:
     torch.manual_seed(0)
     cfg = transformers.T5Config(
         vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_decoder_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
         feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=eos,
     )
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
@@ -93,3 +93,34 @@ def test_seq2seq_generation_rejects_empty_source() -> None:
     ours = t5_from_hf(t5_config_from_hf(_hf(False).config.to_dict()), _hf(False).state_dict())
     with pytest.raises(GenerationError, match="empty source"):
         seq2seq_generate(ours, torch.zeros(2, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "gated, beams, penalty, early, eos",
+    [(False, 3, 1.0, False, 1), (True, 4, 0.6, True, 1), (False, 2, 2.0, False, 1),
+     # with token 2 as end-of-sequence, beams finish early (best lengths 1, 0 and 10 here)
+     (True, 4, 0.6, True, 2), (True, 3, 1.0, False, 2), (True, 2, 2.0, False, 2)],
+)
+def test_beam_search_matches_transformers(gated: bool, beams: int, penalty: float, early: bool, eos: int) -> None:
+    from triform.inference.seq2seq import seq2seq_beam_search
+
+    hf = _hf(gated, eos)
+    ours = t5_from_hf(t5_config_from_hf(hf.config.to_dict()), hf.state_dict())
+    src, mask, _ = _batch(seed=6)
+    with torch.no_grad():
+        want = hf.generate(input_ids=src, attention_mask=mask, max_new_tokens=10, num_beams=beams, do_sample=False,
+                           length_penalty=penalty, early_stopping=early)
+    got = seq2seq_beam_search(ours, src, mask, num_beams=beams, max_new_tokens=10, length_penalty=penalty, early_stopping=early)
+    for row, ids in zip(want.tolist(), got):
+        row = row[1:]
+        expected = row[: row.index(eos)] if eos in row else row
+        assert ids == expected
+
+
+def test_beam_width_must_be_positive() -> None:
+    from triform.errors import GenerationError
+    from triform.inference.seq2seq import seq2seq_beam_search
+
+    ours = t5_from_hf(t5_config_from_hf(_hf(False).config.to_dict()), _hf(False).state_dict())
+    with pytest.raises(GenerationError, match="beam width"):
+        seq2seq_beam_search(ours, torch.ones(1, 3, dtype=torch.long), num_beams=0)

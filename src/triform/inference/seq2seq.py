@@ -45,3 +45,89 @@ def seq2seq_generate(
             break
         token = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, cfg.pad_id), nxt)[:, None]
     return out
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, K, ...) indexed along dim 1 by idx (B, J) -> (B, J, ...)."""
+    while idx.dim() < x.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.gather(x, 1, idx.expand(*idx.shape[:2], *x.shape[2:]))
+
+
+@torch.inference_mode()
+def seq2seq_beam_search(
+    model: Seq2Seq, source: Tensor, source_mask: Tensor | None = None, *, num_beams: int = 4, max_new_tokens: int = 64,
+    length_penalty: float = 1.0, early_stopping: bool = False,
+) -> list[list[int]]:
+    """The best beam per source row, without start and end tokens.
+
+    Each step keeps the 2·``num_beams`` best continuations of the live beams (by summed log-probability);
+    those ending in the end-of-sequence token (or at ``max_new_tokens``) become finished hypotheses
+    scored by summed log-probability / generated length ^ ``length_penalty``, the best ``num_beams`` of
+    the rest stay live. The search stops when no live beam can beat the worst kept hypothesis (judged
+    at the current length), or, with ``early_stopping``, once ``num_beams`` hypotheses are finished.
+    These are the rules of Hugging Face's ``generate(num_beams=...)``, so outputs can be compared.
+    """
+    if isinstance(num_beams, bool) or num_beams < 1:
+        raise GenerationError(f"beam width must be at least 1, got {num_beams}.")
+    if source.shape[1] == 0 or (source_mask is not None and bool((source_mask.sum(dim=1) == 0).any())):
+        raise GenerationError("empty source: every input needs at least one token.")
+    model.eval()
+    cfg = model.cfg
+    b, k, dev = source.shape[0], num_beams, source.device
+    memory = model.encode(source, source_mask).repeat_interleave(k, dim=0)  # (B·K, S, d)
+    mask = source_mask.repeat_interleave(k, dim=0) if source_mask is not None else None
+    cache = model.new_cache(b * k, max_new_tokens + 1)
+    cross: dict = {}
+    max_length, prompt = 1 + max_new_tokens, 1
+    running = torch.full((b, k, max_length), cfg.pad_id, dtype=torch.long, device=dev)
+    running[:, :, 0] = cfg.decoder_start_id
+    finished = running.clone()
+    running_scores = torch.zeros(b, k, device=dev)
+    running_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    finished_scores = torch.full((b, k), -1e9, device=dev)
+    is_finished = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+    first_k = torch.arange(2 * k, device=dev) < k
+    cur = 1
+    tokens = running[:, :, 0].reshape(b * k, 1)
+    while True:
+        logits = model.decode(tokens, memory, mask, cache=cache, memory_cache=cross)[:, -1].float()
+        logp = torch.log_softmax(logits, dim=-1).view(b, k, -1) + running_scores[:, :, None]
+        v = logp.shape[-1]
+        top_lp, top_idx = torch.topk(logp.view(b, -1), 2 * k)  # (B, 2K)
+        origin, tok = top_idx // v, top_idx % v
+        top_seq = _gather(running, origin)
+        top_seq[:, :, cur] = tok
+        hits = (tok == cfg.eos_id) | (cur + 1 >= max_length)
+        # live beams for the next step: the best K continuations that did not finish
+        live_lp = top_lp + hits.float() * -1e9
+        keep = torch.topk(live_lp, k).indices
+        running, running_scores, parent = _gather(top_seq, keep), _gather(live_lp, keep), _gather(origin, keep)
+        # finished hypotheses: merge the newly finished (among the top K) with the kept ones
+        just = hits & first_k[None, :]
+        scored = top_lp / ((cur + 1 - prompt) ** length_penalty)
+        scored = scored + (is_finished.all(dim=-1, keepdim=True) & early_stopping).float() * -1e9
+        scored = scored + (~improvable).float() * -1e9 + (~just).float() * -1e9
+        merged_scores = torch.cat([finished_scores, scored], dim=1)
+        best = torch.topk(merged_scores, k).indices
+        finished = _gather(torch.cat([finished, top_seq], dim=1), best)
+        finished_scores = _gather(merged_scores, best)
+        is_finished = _gather(torch.cat([is_finished, just], dim=1), best)
+        # reorder the decoder cache to follow each live beam's parent
+        flat = (parent + torch.arange(b, device=dev)[:, None] * k).reshape(-1)
+        cache.k = cache.k[:, flat]
+        cache.v = cache.v[:, flat]
+        cur += 1
+        best_running = running_scores[:, :1] / ((cur - prompt) ** length_penalty)
+        worst_kept = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.tensor(-1e9, device=dev))
+        improvable = improvable & (best_running > worst_kept).any(dim=-1, keepdim=True)
+        open_beam = not (bool(is_finished.all()) and early_stopping)
+        if not (bool(improvable.any()) and open_beam and not bool(hits.all())):
+            break
+        tokens = running[:, :, cur - 1].reshape(b * k, 1)
+    out = []
+    for row in finished[:, 0].tolist():
+        row = row[1:]
+        out.append(row[: row.index(cfg.eos_id)] if cfg.eos_id in row else [t for t in row])
+    return out
