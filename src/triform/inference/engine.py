@@ -13,6 +13,7 @@ A server drives the same ``submit`` / ``step`` / ``abort`` calls from its own lo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -207,7 +208,7 @@ class Engine:
         for seq in req.seqs.values():
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, "abort")
-        req.params = SamplingParams(**{**req.params.__dict__, "n": len(req.seqs)})  # no more forks
+        req.params = dataclasses.replace(req.params, n=len(req.seqs))  # no more forks
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -28,6 +28,7 @@ from torch import Tensor
 from triform.inference.blocks import NULL_BLOCK
 from triform.layers.kernels import PagedAttentionPlan
 from triform.layers.masks import decoder_mask, materialize
+from triform.layers.position import alibi_bias
 
 MIN_ROWS = 8
 
@@ -133,8 +134,7 @@ class PagedBatch:
         mask = None if plain_causal else materialize(self._mask_fn, q_pos, k_pos)
         bias = None
         if self.alibi_slopes is not None:
-            dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()  # (1, T, Tk)
-            bias = -self.alibi_slopes[:, None, None] * dist[:, None]  # (1, H, T, Tk)
+            bias = alibi_bias(self.alibi_slopes, q_pos, k_pos)  # (1, H, T, Tk)
         return self.offsets[i], r.length, pages, mask, bias
 
     def tokens(self, ids: list[list[int]]) -> Tensor:

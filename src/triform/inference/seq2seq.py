@@ -11,6 +11,11 @@ from triform.inference.sampling import SamplingParams, sample_next
 from triform.models.encoder_decoder import Seq2Seq
 
 
+def _check_source(source: Tensor, source_mask: Tensor | None) -> None:
+    if source.shape[1] == 0 or (source_mask is not None and bool((source_mask.sum(dim=1) == 0).any())):
+        raise GenerationError("empty source: every input needs at least one token.")
+
+
 @torch.inference_mode()
 def seq2seq_generate(
     model: Seq2Seq, source: Tensor, source_mask: Tensor | None = None, *, params: SamplingParams | None = None,
@@ -18,8 +23,7 @@ def seq2seq_generate(
     """Target token ids per source row (B, S), up to and without the end-of-sequence token;
     greedy when ``params.temperature == 0``."""
     params = params or SamplingParams(temperature=0.0)
-    if source.shape[1] == 0 or (source_mask is not None and bool((source_mask.sum(dim=1) == 0).any())):
-        raise GenerationError("empty source: every input needs at least one token.")
+    _check_source(source, source_mask)
     model.eval()
     cfg = model.cfg
     b, dev = source.shape[0], source.device
@@ -70,8 +74,7 @@ def seq2seq_beam_search(
     """
     if isinstance(num_beams, bool) or num_beams < 1:
         raise GenerationError(f"beam width must be at least 1, got {num_beams}.")
-    if source.shape[1] == 0 or (source_mask is not None and bool((source_mask.sum(dim=1) == 0).any())):
-        raise GenerationError("empty source: every input needs at least one token.")
+    _check_source(source, source_mask)
     model.eval()
     cfg = model.cfg
     b, k, dev = source.shape[0], num_beams, source.device

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from triform.layers.position import alibi_bias
+
 
 class AttentionKernel(Protocol):
     def __call__(
@@ -129,8 +131,7 @@ class PagedAttentionPlan:
                 allowed = allowed & (k_pos > qp[lo:hi] - window)
             bias = None
             if alibi_slopes is not None:
-                dist = (q_pos[lo:hi, :, None] - k_pos).abs().float()  # (Bj, Tq, P)
-                bias = -alibi_slopes[None, :, None, None] * dist[:, None]  # (Bj, H, Tq, P)
+                bias = alibi_bias(alibi_slopes, q_pos[lo:hi], k_pos[None])  # (Bj, H, Tq, P)
                 bias = bias.reshape(hi - lo, -1, groups * tq, span)  # (Bj, Hkv, g·Tq, P), heads grouped like q
             self.parts.append((lo, hi, pages.clamp(min=0).flatten(), ~allowed, bias))
 

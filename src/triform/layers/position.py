@@ -99,8 +99,13 @@ class ALiBi(nn.Module):
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()  # (B|1, Tq, Tk)
-        return -self.slopes[:, None, None] * dist[:, None]  # (B|1, H, Tq, Tk)
+        return alibi_bias(self.slopes, q_pos, k_pos)
+
+
+def alibi_bias(slopes: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """-slope_h · |q - k| for query positions (B|1, Tq) and key positions (B|1, Tk): (B|1, H, Tq, Tk)."""
+    dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()  # (B|1, Tq, Tk)
+    return -slopes[:, None, None] * dist[:, None]
 
 
 def t5_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:

@@ -97,6 +97,17 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's ``model.safetensors``, with a clear error if absent or damaged."""
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{folder} has no model.safetensors.")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights} is corrupt or truncated ({exc}).") from None
+
+
 def load_checkpoint(
     path: Path | str, *, device: str | torch.device = "cpu",
 ) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
@@ -108,12 +119,7 @@ def load_checkpoint(
     except ConfigError as exc:
         raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
     weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{folder} has no model.safetensors.")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights} is corrupt or truncated ({exc}).") from None
+    state = read_weights(folder)
     model = DecoderLM(cfg)
     expected = model_state(model)
     missing = sorted(set(expected) - set(state))

@@ -38,7 +38,7 @@ from triform.objectives.masked_lm import (
     static_mask_generator,
 )
 from triform.tokenizers.byte import ByteTokenizer
-from triform.training.checkpoint import CHECKPOINT_DIR, read_meta, resolve_checkpoint, save_checkpoint
+from triform.training.checkpoint import CHECKPOINT_DIR, read_meta, read_weights, resolve_checkpoint, save_checkpoint
 from triform.training.optim import build_optimizer, lr_at
 from triform.training.trainer import parse_duration, resolve_device
 
@@ -162,9 +162,6 @@ class ByteEncoderInputs:
 
 def load_encoder_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ByteTokenizer, dict[str, Any]]:
     """An encoder checkpoint written by ``pretrain`` or ``finetune``: (model in eval mode, tokenizer, meta)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from triform.tokenizers.base import load_tokenizer
 
     folder = resolve_checkpoint(path)
@@ -183,10 +180,7 @@ def load_encoder_checkpoint(path: Path | str, *, device: str | torch.device = "c
         "token": lambda: EncoderForTokenClassification(cfg, n),
         "qa": lambda: EncoderForQuestionAnswering(cfg),
     }[head]()
-    try:
-        state = load_file(str(folder / "model.safetensors"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / 'model.safetensors'} is missing, corrupt or truncated ({exc}).") from None
+    state = read_weights(folder)
     own = model.state_dict()
     if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
         raise CheckpointError(f"{folder / 'model.safetensors'} does not match its config.")
