@@ -45,8 +45,8 @@ def test_s_denoiser_is_prefix_lm() -> None:
     for _ in range(100):
         tokens = [rng.randrange(256) for _ in range(rng.randrange(2, 300))]
         inputs, targets, _ = mix.sample(tokens, rng, eos=257)
-        assert inputs[0] == MODES["S"] and targets[-1] == 257
-        assert inputs[1:] + targets[:-1] == tokens and len(inputs) > 1 and len(targets) > 1
+        assert inputs[0] == MODES["S"] and inputs[-1] == targets[-1] == 257
+        assert inputs[1:-1] + targets[:-1] == tokens and len(inputs) > 2 and len(targets) > 1
     with pytest.raises(ValueError):
         prefix_lm_split([1], rng)
 

@@ -247,9 +247,6 @@ def count_parameters(cfg: DecoderConfig) -> int:
     return total
 
 
-__all__ = [
-    "StackConfig", "DecoderConfig", "PRESETS", "get_preset", "count_parameters", "BYTE_VOCAB",
-]
 
 
 EncoderFamily = Literal["bert", "roberta", "albert", "distilbert"]
@@ -409,6 +406,18 @@ class Seq2SeqConfig:
         except TypeError as exc:
             raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
 
+    def replace(self, **changes: Any) -> Seq2SeqConfig:
+        """A copy with top-level fields changed; ``max_seq_len`` applies to both stacks."""
+        data = self.to_dict()
+        if "max_seq_len" in changes:
+            n = changes.pop("max_seq_len")
+            data["encoder"]["max_seq_len"] = data["decoder"]["max_seq_len"] = n
+        unknown = set(changes) - set(data)
+        if unknown:
+            raise ConfigError(f"unknown encoder-decoder field(s): {', '.join(sorted(unknown))}.")
+        data.update(changes)
+        return Seq2SeqConfig.from_dict(data)
+
 
 def _t5_stack(d: int, layers: int, heads: int, d_kv: int, ff: int, ffn: FFNKind) -> StackConfig:
     return StackConfig(
@@ -427,3 +436,39 @@ def t5_config(
         encoder=_t5_stack(d, layers, heads, d_kv, ff, ffn), decoder=_t5_stack(d, decoder_layers or layers, heads, d_kv, ff, ffn),
         vocab_size=vocab, tie_embeddings=(not gated) if tie is None else tie,
     )
+
+
+SEQ2SEQ_VOCAB = 392  # triform.tokenizers.byte.denoising_tokenizer(): 389 ids rounded up to a multiple of 8
+
+
+def byt5_config(d: int, encoder_layers: int, heads: int, d_kv: int, ff: int, *, vocab: int = SEQ2SEQ_VOCAB, ctx: int = 1024) -> Seq2SeqConfig:
+    """ByT5's shape (arXiv 2105.13626): T5 1.1 parts on bytes, an encoder three times as deep as the decoder."""
+    cfg = t5_config(d, encoder_layers, heads, d_kv, ff, vocab, gated=True, decoder_layers=max(1, encoder_layers // 3))
+    return cfg.replace(max_seq_len=ctx, family="byt5")
+
+
+SEQ2SEQ_PRESETS: dict[str, Seq2SeqConfig] = {
+    # Published shapes (Hugging Face configs of t5-small, google/t5-v1_1-small, google/byt5-small).
+    "t5-small": t5_config(512, 6, 8, 64, 2048, 32128, gated=False),
+    "t5-v1_1-small": t5_config(512, 8, 6, 64, 1024, 32128, gated=True),
+    "byt5-small": byt5_config(1472, 12, 6, 64, 3584, vocab=384),
+    # CPU-sized twins over the byte vocabulary with sentinels and UL2 mode tokens.
+    "t5-tiny": t5_config(64, 2, 4, 16, 128, SEQ2SEQ_VOCAB, gated=False),
+    "byt5-tiny": byt5_config(64, 3, 4, 16, 128),
+    "byt5-mini": byt5_config(192, 3, 4, 48, 512),
+}
+
+
+def get_seq2seq_preset(name: str) -> Seq2SeqConfig:
+    """The encoder-decoder preset called exactly ``name``; an unknown name lists the choices."""
+    try:
+        return SEQ2SEQ_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown encoder-decoder preset {name!r}; choose one of: {', '.join(sorted(SEQ2SEQ_PRESETS))}.") from None
+
+
+__all__ = [
+    "StackConfig", "DecoderConfig", "PRESETS", "get_preset", "count_parameters", "BYTE_VOCAB",
+    "EncoderConfig", "ENCODER_PRESETS", "get_encoder_preset", "Seq2SeqConfig", "SEQ2SEQ_PRESETS",
+    "get_seq2seq_preset", "t5_config", "byt5_config",
+]

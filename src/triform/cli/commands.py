@@ -88,10 +88,14 @@ def generate(
     temperature: float = 0.8, top_k: int | None = None, top_p: float = 1.0, seed: int | None = None,
     stop: list[str] | None = None, truncate: bool = False, no_cache: bool = False, device: str = "auto",
     trust_pickle: bool = False, weights: str = "float32", n: int = 1, kv_cache_gib: float = 1.0,
-    block_size: int = 16, max_num_seqs: int = 64, no_prefix_caching: bool = False,
+    block_size: int = 16, max_num_seqs: int = 64, no_prefix_caching: bool = False, mode: str | None = None,
+    num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False,
 ) -> None:
     """Continue a prompt with a trained model, streaming text as it is generated; or run a file of
     prompts through the serving engine (paged KV cache, continuous batching) with a progress bar.
+    An encoder-decoder checkpoint (T5 / ByT5, or one from `triform pretrain --objective span|prefix-lm|ul2`)
+    reads the prompt with its encoder and writes the output with its decoder; write <extra_id_0>,
+    <extra_id_1>, ... in the prompt to mark spans for a span-corruption model to fill.
 
     Args:
         checkpoint: A triform checkpoint or run folder, a Hugging Face model folder, or a .gguf file.
@@ -115,6 +119,11 @@ def generate(
         block_size: Tokens per KV block (with --prompts).
         max_num_seqs: Most sequences decoding at once (with --prompts).
         no_prefix_caching: Do not share KV blocks between prompts with a common prefix (with --prompts).
+        mode: UL2 mode token to put before the prompt: R ([NLU], span filling), X ([NLG], long
+            spans) or S ([S2S], continuation), for models trained with --objective ul2.
+        num_beams: Beam search width for encoder-decoder models (1: sample or greedy).
+        length_penalty: Beam search: hypotheses are scored by log-probability / length ** this.
+        early_stopping: Beam search: stop once num_beams hypotheses have finished.
     """
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
@@ -139,7 +148,29 @@ def generate(
             block_size=block_size, kv_cache_memory=int(kv_cache_gib * 2**30), max_num_seqs=max_num_seqs,
             prefix_caching=not no_prefix_caching,
         )
-    lm, tokenizer, _ = load_pretrained(checkpoint, trust_pickle=trust_pickle, device=resolve_device(device))
+    lm, tokenizer, meta = load_pretrained(checkpoint, trust_pickle=trust_pickle, device=resolve_device(device), allow_seq2seq=True)
+    mode_id = _mode_id(tokenizer, mode)
+    from triform.models.encoder_decoder import Seq2Seq
+
+    if isinstance(lm, Seq2Seq):
+        _generate_seq2seq(lm, tokenizer, [_prompt_bytes(prompt)] if prompt is not None else _read_prompts(prompts),  # type: ignore[arg-type]
+                          params, mode_id, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping)
+        return
+    if num_beams != 1:
+        raise TriformError("--num-beams applies to encoder-decoder models; decoders sample or decode greedily.")
+    prefix_lm = meta.get("objective") in ("prefix-lm", "ul2", "span")
+    if prefix_lm or mode_id is not None:
+        if prompts is not None:
+            raise TriformError("the engine runs causal decoders; give a prefix-LM (UL2) decoder one prompt at a time.")
+        from triform.tokenizers.byte import encode_with_specials
+
+        # the model read inputs ending with </s> in training (T5's convention)
+        ids = ([mode_id] if mode_id is not None else []) + encode_with_specials(tokenizer, _prompt_bytes(prompt)) + [tokenizer.eos_id]  # type: ignore[arg-type]
+        sys.stdout.buffer.write(_prompt_bytes(prompt))  # type: ignore[arg-type]
+        sys.stdout.flush()
+        run_generation(lm, tokenizer, [ids], params, use_cache=not no_cache, truncate=truncate, on_text=lambda _, t: _write(t), prefix_lm=prefix_lm)
+        print()
+        return
     if prompts is None or weights != "float32":  # the engine batches many rows: plain float32 layers suit it
         lm = _inference_weights(lm, weights)
     if prompt is not None:
@@ -161,6 +192,48 @@ def generate(
             label = f"prompt {i + 1}" + (f", completion {j + 1}" if len(r.completions) > 1 else "")
             print(f"=== {label} ({c.finish_reason}) ===")
             print(p.decode("utf-8", errors="replace") + c.text)
+
+
+def _mode_id(tokenizer, mode: str | None) -> int | None:
+    """The id of UL2 mode token ``mode`` (R, X, S or the token itself), or None without a mode."""
+    if mode is None:
+        return None
+    from triform.objectives.ul2 import MODE_TOKENS
+
+    name = MODE_TOKENS.get(mode.upper(), mode)
+    if name not in MODE_TOKENS.values():
+        raise TriformError(f"unknown UL2 mode {mode!r}; choose R ([NLU]), X ([NLG]) or S ([S2S]).")
+    if name not in getattr(tokenizer, "specials", ()):
+        raise TriformError(f"this model's vocabulary has no {name} token (it was not trained with --objective ul2).")
+    return tokenizer.special_id(name)
+
+
+def _generate_seq2seq(model, tokenizer, prompts: list[bytes], params, mode_id: int | None, *, num_beams: int,
+                      length_penalty: float, early_stopping: bool) -> None:
+    """Each prompt through the encoder once, then the decoder; prints source and output (sentinels by name)."""
+    import torch
+
+    from triform.inference.seq2seq import seq2seq_beam_search, seq2seq_generate
+    from triform.tokenizers.byte import ByteTokenizer, encode_with_specials, render_with_specials
+
+    byte_level = isinstance(tokenizer, ByteTokenizer)
+    dev = model.shared.weight.device
+    for i, p in enumerate(prompts):
+        ids = encode_with_specials(tokenizer, p) if byte_level else tokenizer.encode(p)
+        if not ids:
+            raise TriformError(f"prompt {i + 1} is empty; give at least one character.")
+        ids = ([mode_id] if mode_id is not None else []) + ids + [model.cfg.eos_id]  # T5 inputs end with </s>
+        src = torch.tensor([ids], device=dev)
+        if num_beams != 1:
+            out = seq2seq_beam_search(model, src, num_beams=num_beams, max_new_tokens=params.max_new_tokens,
+                                      length_penalty=length_penalty, early_stopping=early_stopping)[0]
+        else:
+            out = seq2seq_generate(model, src, params=params)[0]
+        text = render_with_specials(tokenizer, out) if byte_level else tokenizer.decode(out)
+        if len(prompts) > 1:
+            print(f"=== prompt {i + 1} ===")
+        print(f"source: {p.decode('utf-8', errors='replace')}")
+        print(f"output: {text}")
 
 
 def evaluate(
@@ -236,6 +309,22 @@ def presets() -> None:
             f"{name:<22} {cfg.family:<10} {s.n_layers:>6} {s.d_model:>7} {cfg.embedding_dim:>5} {s.n_heads:>5} {s.ffn:<9} "
             f"{'yes' if cfg.share_layers else 'no':>6} {cfg.max_tokens:>7} {size:>10}"
         )
+    from triform.config import SEQ2SEQ_PRESETS
+    from triform.models.encoder_decoder import Seq2Seq
+
+    print()
+    header = f"{'encoder-decoder preset':<22} {'family':<6} {'enc/dec':>7} {'d_model':>7} {'heads':>5} {'d_kv':>4} {'ffn':<5} {'d_ff':>5} {'vocab':>6} {'tied':>4} {'params':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, c in SEQ2SEQ_PRESETS.items():
+        e = c.encoder
+        with torch.device("meta"):
+            n = Seq2Seq(c).num_parameters()
+        size = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+        print(
+            f"{name:<22} {c.family:<6} {f'{e.n_layers}/{c.decoder.n_layers}':>7} {e.d_model:>7} {e.n_heads:>5} {e.head_dim:>4} "
+            f"{e.ffn:<5} {e.d_ff:>5} {c.vocab_size:>6} {'yes' if c.tie_embeddings else 'no':>4} {size:>10}"
+        )
 
 
 def _inference_weights(model, weights: str):
@@ -288,9 +377,11 @@ def _parse_size(text: str) -> int:
 def chat(
     checkpoint: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
     top_p: float = 0.9, top_k: int | None = None, seed: int | None = 0, device: str = "auto", stats: bool = False,
-    weights: str = "float32",
+    weights: str = "float32", mode: str | None = None,
 ) -> None:
     """Talk to a model turn by turn; the KV cache is kept across turns, so only new text is encoded.
+    An encoder-decoder model instead re-reads the whole transcript with its encoder every turn
+    (--stats shows how much).
 
     Type a message and press Enter; an empty line or Ctrl-D ends the conversation.
 
@@ -305,16 +396,24 @@ def chat(
         device: "auto", "cpu" or "cuda".
         stats: After each reply, show how many prompt tokens came from the cache.
         weights: Inference weights: float32, bf16, int8 or int8-weight-only.
+        mode: UL2 mode token before each encoder-decoder input: R, X or S (see `triform generate`).
     """
-    from triform.inference.chat import ChatSession
+    from triform.inference.chat import ChatSession, Seq2SeqChatSession
     from triform.inference.sampling import SamplingParams
     from triform.interop import load_pretrained
     from triform.training.trainer import resolve_device
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
-    model, tokenizer, _ = load_pretrained(checkpoint, device=resolve_device(device))
-    model = _inference_weights(model, weights)
-    session = ChatSession(model, tokenizer, params, system=system)
+    from triform.models.encoder_decoder import Seq2Seq
+
+    model, tokenizer, _ = load_pretrained(checkpoint, device=resolve_device(device), allow_seq2seq=True)
+    session: ChatSession | Seq2SeqChatSession
+    if isinstance(model, Seq2Seq):
+        session = Seq2SeqChatSession(model, tokenizer, params, system=system, mode_id=_mode_id(tokenizer, mode))
+    else:
+        if mode is not None:
+            raise TriformError("--mode applies to encoder-decoder chat.")
+        session = ChatSession(_inference_weights(model, weights), tokenizer, params, system=system)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -445,41 +544,66 @@ def search(
 
 
 def pretrain(
-    objective: str = "mlm", preset: str = "bert-base-tiny", data: str | None = None, out: str = "runs/encoder",
-    context: int = 128, batch_size: int = 32, max_steps: int = 2000, time_budget: str | None = None, lr: float = 1e-3,
-    warmup_steps: int = 100, static_masks: bool = False, teacher: str | None = None, temperature: float = 2.0,
-    seed: int = 0, device: str = "auto",
+    objective: str = "mlm", preset: str | None = None, data: str | None = None, out: str = "runs/pretrain",
+    context: int | None = None, batch_size: int | None = None, max_steps: int = 2000, time_budget: str | None = None,
+    lr: float | None = None, warmup_steps: int | None = None, static_masks: bool = False, teacher: str | None = None,
+    temperature: float = 2.0, noise_density: float = 0.15, mean_span: float = 20.0,
+    mixture_weights: list[float] | None = None, seed: int = 0, device: str = "auto",
 ) -> None:
-    """Pretrain a byte-level encoder: masked-LM (RoBERTa), + next-sentence (BERT) or sentence-order
-    (ALBERT) prediction, or DistilBERT distillation from a teacher checkpoint.
+    """Pretrain a byte-level model. Encoders: masked-LM (RoBERTa), + next-sentence (BERT) or
+    sentence-order (ALBERT) prediction, or DistilBERT distillation. Encoder-decoders (T5 / ByT5
+    presets) or decoders (decoder presets, as prefix-LMs): T5 span corruption, prefix-LM or UL2's
+    mixture of denoisers.
 
     Args:
-        objective: mlm, mlm+nsp, mlm+sop or distill.
-        preset: Encoder shape (see `triform presets`), e.g. bert-base-tiny, roberta-base-tiny, albert-base-tiny.
-            With distill the student's shape comes from the teacher (half its layers).
+        objective: Encoders: mlm, mlm+nsp, mlm+sop or distill. Encoder-decoders and decoders: span,
+            prefix-lm or ul2 (decoders also causal).
+        preset: Model shape (see `triform presets`); its kind picks the family. Default: bert-base-tiny
+            for encoder objectives, byt5-tiny for span, prefix-lm and ul2. With distill the student's
+            shape comes from the teacher (half its layers).
         data: Text file, folder or glob. Default: Shakespeare's works, four plays held out.
         out: Run folder; the checkpoint goes to OUT/checkpoint.
-        context: Tokens per input, [CLS] and [SEP] included.
-        batch_size: Sequences per step.
+        context: Tokens per input (encoders, default 128) or bytes of text per example before
+            corruption (denoising, default 512).
+        batch_size: Sequences per step (default 32 for encoders, 16 for denoising).
         max_steps: Upper bound on optimizer steps.
         time_budget: Wall-clock budget such as 5m; steps and the cosine schedule are fitted to it.
-        lr: Peak learning rate (linear warm-up, cosine decay).
-        warmup_steps: Warm-up steps.
+        lr: Peak learning rate (linear warm-up, cosine decay); default 1e-3 for encoders, 2e-3 for denoising.
+        warmup_steps: Warm-up steps (default 100 for encoders, 50 for denoising).
         static_masks: BERT's fixed masks per sequence instead of RoBERTa's fresh ones.
         teacher: The teacher checkpoint for objective distill.
         temperature: Distillation temperature.
+        noise_density: Span corruption: share of bytes hidden.
+        mean_span: Span corruption: mean span length in bytes (ByT5: 20).
+        mixture_weights: UL2: seven weights for R(μ=3), R(8), X(3, r=.5), X(8, .5), X(64, .15), X(64, .5), S.
         seed: Random seed.
         device: "auto", "cpu" or "cuda".
     """
+    from triform.training.denoise import OBJECTIVES
+
+    if objective in OBJECTIVES:
+        from triform.training.denoise import DenoiseConfig, pretrain_denoiser
+
+        dcfg = DenoiseConfig(
+            objective=objective, data=data, context=context or 512, batch_size=batch_size or 16, max_steps=max_steps,
+            time_budget=time_budget, lr=lr or 2e-3, warmup_steps=50 if warmup_steps is None else warmup_steps,
+            noise_density=noise_density, mean_span=mean_span,
+            mixture_weights=tuple(mixture_weights) if mixture_weights is not None else None, seed=seed, device=device,
+        )
+        d = pretrain_denoiser(dcfg, preset=preset or "byt5-tiny", out_dir=out)
+        print(f"pretrained a {d.parameters / 1e6:.2f}M-parameter {d.family} with {objective}: {d.steps} steps in {d.seconds:.0f} s, "
+              f"train loss {d.train_loss:.4f}, held-out loss {d.val_loss:.4f} nats/target token ({d.val_bits_per_byte:.4f} bits/target byte)")
+        print(f"checkpoint: {d.checkpoint}")
+        return
     from triform.training.encoder_trainer import PretrainConfig
     from triform.training.encoder_trainer import pretrain as run
 
     cfg = PretrainConfig(
-        objective=objective, data=data, context=context, batch_size=batch_size, max_steps=max_steps,  # type: ignore[arg-type]
-        time_budget=time_budget, lr=lr, warmup_steps=warmup_steps, static_masks=static_masks, teacher=teacher,
-        temperature=temperature, seed=seed, device=device,
+        objective=objective, data=data, context=context or 128, batch_size=batch_size or 32, max_steps=max_steps,  # type: ignore[arg-type]
+        time_budget=time_budget, lr=lr or 1e-3, warmup_steps=100 if warmup_steps is None else warmup_steps,
+        static_masks=static_masks, teacher=teacher, temperature=temperature, seed=seed, device=device,
     )
-    r = run(cfg, preset=preset, out_dir=out)
+    r = run(cfg, preset=preset or "bert-base-tiny", out_dir=out)
     pair = "" if r.val_pair_accuracy is None else f", held-out pair accuracy {r.val_pair_accuracy:.3f}"
     print(f"pretrained {r.steps} steps in {r.seconds:.0f} s: train loss {r.train_loss:.4f}, held-out masked-LM loss {r.val_mlm_loss:.4f}{pair}")
     print(f"checkpoint: {r.checkpoint}")

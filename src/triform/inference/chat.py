@@ -79,7 +79,7 @@ class ChatSession:
         room = self.context - len(self.ids)
         for _ in range(min(self.params.max_new_tokens, room)):
             token = int(sample_next(logits[:, : self.tokenizer.vocab_size], self.params, [self.generator])[0])
-            if token == self.tokenizer.eos_id:
+            if token == self.tokenizer.eos_id and not self.params.ignore_eos:
                 break
             out.append(token)
             piece, hit = row.push(token)
@@ -95,4 +95,46 @@ class ChatSession:
         answer = row.data.decode("utf-8", errors="replace")
         self.messages.append({"role": "assistant", "content": answer})  # verbatim, so it re-encodes to the cached tokens
         self.last = TurnStats(len(ids), keep, len(ids) - keep, len(out))
+        return answer
+
+
+class Seq2SeqChatSession:
+    """A conversation with an encoder-decoder model. Its decoder cannot continue the transcript: each
+    turn the encoder reads the whole transcript again (``TurnStats.new_tokens`` grows every turn,
+    ``reused_tokens`` is always 0) and the decoder writes the reply from a fresh cache.
+    ``mode_id`` (a UL2 mode token) is put in front of every source."""
+
+    def __init__(self, model, tokenizer: Tokenizer, params: SamplingParams, *, system: str | None = None,
+                 mode_id: int | None = None) -> None:
+        self.model, self.tokenizer, self.params, self.mode_id = model.eval(), tokenizer, params, mode_id
+        self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        self.limit = model.cfg.encoder.max_seq_len
+        self.last: TurnStats | None = None
+
+    @torch.inference_mode()
+    def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
+        from triform.inference.seq2seq import seq2seq_generate
+
+        self.messages.append({"role": "user", "content": text})
+        prompt, stops = render_chat(self.tokenizer, self.messages)
+        ids = ([self.mode_id] if self.mode_id is not None else []) + self.tokenizer.encode(prompt) + [self.model.cfg.eos_id]
+        if len(ids) > self.limit:
+            self.messages.pop()
+            raise GenerationError(f"the conversation is {len(ids)} tokens, beyond the encoder's limit of {self.limit}.")
+        row = _RowText(self.params.stop + stops, self.tokenizer.token_bytes())
+
+        def push(_: int, token: int) -> bool:
+            piece, hit = row.push(token) if token < len(row.token_bytes) else ("", False)
+            if piece and on_text:
+                on_text(piece)
+            return hit
+
+        dev = self.model.shared.weight.device
+        out = seq2seq_generate(self.model, torch.tensor([ids], device=dev), params=self.params, on_token=push)[0]
+        tail = row.flush()
+        if tail and on_text:
+            on_text(tail)
+        answer = row.data.decode("utf-8", errors="replace")
+        self.messages.append({"role": "assistant", "content": answer})
+        self.last = TurnStats(len(ids), 0, len(ids), len(out))
         return answer

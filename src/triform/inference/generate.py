@@ -61,13 +61,13 @@ class _RowText:
 
 
 def encode_prompts(
-    tokenizer: Tokenizer, prompts: Sequence[str | bytes], context: int, *, truncate: bool = False,
+    tokenizer: Tokenizer, prompts: Sequence[str | bytes | list[int]], context: int, *, truncate: bool = False,
 ) -> list[list[int]]:
-    """Token ids per prompt; a prompt that leaves no room in the context window is an error unless
-    ``truncate`` keeps its last ``context - 1`` tokens."""
+    """Token ids per prompt (a list of ids is taken as it is); a prompt that leaves no room in the
+    context window is an error unless ``truncate`` keeps its last ``context - 1`` tokens."""
     out = []
     for i, p in enumerate(prompts):
-        ids = tokenizer.encode(p)
+        ids = list(p) if isinstance(p, list) else tokenizer.encode(p)
         if not ids:
             raise GenerationError(f"prompt {i + 1} is empty; give at least one character.")
         if len(ids) >= context:
@@ -83,10 +83,12 @@ def encode_prompts(
 
 @torch.inference_mode()
 def generate(
-    model: DecoderLM, tokenizer: Tokenizer, prompts: Sequence[str | bytes], params: SamplingParams, *,
+    model: DecoderLM, tokenizer: Tokenizer, prompts: Sequence[str | bytes | list[int]], params: SamplingParams, *,
     use_cache: bool = True, truncate: bool = False, on_text: Callable[[int, str], None] | None = None,
+    prefix_lm: bool = False,
 ) -> list[Completion]:
-    """Continue each prompt; ``on_text(row, piece)`` receives text as soon as it is safe to show."""
+    """Continue each prompt; ``on_text(row, piece)`` receives text as soon as it is safe to show.
+    With ``prefix_lm`` the prompt is read bidirectionally (a model trained as a prefix-LM, e.g. UL2)."""
     if params.n != 1:
         raise GenerationError("n > 1 completions per prompt need the engine (triform.inference.engine).")
     model.eval()
@@ -111,9 +113,12 @@ def generate(
     reasons: list[str | None] = [None] * b
     lengths = torch.tensor([len(r) for r in ids], device=device)
     use_cache = use_cache and (relative or not beyond)
+    if prefix_lm and beyond:
+        raise GenerationError(f"a prefix-LM prompt plus {max_new} new tokens must fit the context of {context} tokens.")
+    prefix = lengths if prefix_lm else None
     cache = model.new_cache(b, longest + max_new, window=context - 1 if beyond else None) if use_cache else None
     vocab = tokenizer.vocab_size  # the model's output may be padded past the tokenizer's ids
-    logits = model(tokens, attention_mask=mask, cache=cache, last_only=True)[:, -1]
+    logits = model(tokens, attention_mask=mask, cache=cache, last_only=True, prefix_lengths=prefix)[:, -1]
     for step in range(max_new):
         nxt = sample_next(logits[:, :vocab], params, gens)  # (B,)
         for i in range(b):
@@ -141,7 +146,7 @@ def generate(
         else:
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)[:, -context:]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)[:, -context:]
-            logits = model(tokens, attention_mask=mask, last_only=True)[:, -1]
+            logits = model(tokens, attention_mask=mask, last_only=True, prefix_lengths=prefix)[:, -1]
     return [
         Completion(text=r.data.decode("utf-8", errors="replace"), token_ids=o, finish_reason=reason or "length")
         for r, o, reason in zip(rows, out_ids, reasons)

@@ -3,6 +3,8 @@ are computed once and kept, and the decoder steps one token at a time against it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,14 +18,26 @@ def _check_source(source: Tensor, source_mask: Tensor | None) -> None:
         raise GenerationError("empty source: every input needs at least one token.")
 
 
+def check_lengths(model: Seq2Seq, source_len: int, max_new_tokens: int) -> None:
+    """A source longer than the encoder's limit, or a target longer than the decoder's, is an error."""
+    e, d = model.cfg.encoder.max_seq_len, model.cfg.decoder.max_seq_len
+    if source_len > e:
+        raise GenerationError(f"the source is {source_len} tokens; the encoder takes at most {e}.")
+    if max_new_tokens < 1 or max_new_tokens > d:
+        raise GenerationError(f"the target may be 1 to {d} tokens (the decoder's limit), got max_new_tokens={max_new_tokens}.")
+
+
 @torch.inference_mode()
 def seq2seq_generate(
     model: Seq2Seq, source: Tensor, source_mask: Tensor | None = None, *, params: SamplingParams | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
 ) -> list[list[int]]:
     """Target token ids per source row (B, S), up to and without the end-of-sequence token;
-    greedy when ``params.temperature == 0``."""
+    greedy when ``params.temperature == 0``. ``on_token(row, id)`` sees each token as it is chosen and
+    may return True to end that row."""
     params = params or SamplingParams(temperature=0.0)
     _check_source(source, source_mask)
+    check_lengths(model, source.shape[1], params.max_new_tokens)
     model.eval()
     cfg = model.cfg
     b, dev = source.shape[0], source.device
@@ -45,6 +59,8 @@ def seq2seq_generate(
                 done[i] = True
             else:
                 out[i].append(t)
+                if on_token is not None and on_token(i, t):
+                    done[i] = True  # the caller stops this row (a stop string)
         if all(done):
             break
         token = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, cfg.pad_id), nxt)[:, None]
@@ -75,6 +91,7 @@ def seq2seq_beam_search(
     if isinstance(num_beams, bool) or num_beams < 1:
         raise GenerationError(f"beam width must be at least 1, got {num_beams}.")
     _check_source(source, source_mask)
+    check_lengths(model, source.shape[1], max_new_tokens)
     model.eval()
     cfg = model.cfg
     b, k, dev = source.shape[0], num_beams, source.device

@@ -38,16 +38,34 @@ def detect_format(path: Path) -> str:
     return "triform"  # let the triform loader explain what is missing
 
 
+def _hf_model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def load_pretrained(
-    path: Path | str, *, trust_pickle: bool = False, device: str | torch.device = "cpu",
-) -> tuple[DecoderLM, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and metadata from any supported checkpoint format."""
+    path: Path | str, *, trust_pickle: bool = False, device: str | torch.device = "cpu", allow_seq2seq: bool = False,
+) -> tuple[Any, Tokenizer, dict[str, Any]]:
+    """Model (eval mode), tokenizer and metadata from any supported checkpoint format: a ``DecoderLM``,
+    or with ``allow_seq2seq`` also a ``Seq2Seq`` (triform encoder-decoder checkpoints, HF T5 folders)."""
     path = Path(path)
     kind = detect_format(path)
     if kind == "triform":
-        from triform.training.checkpoint import load_checkpoint
+        from triform.training.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 
-        return load_checkpoint(path, device=device)
+        folder = resolve_checkpoint(path)
+        model_kind = read_meta(folder).get("kind", "decoder")
+        if model_kind == "encoder":
+            raise CheckpointError(f"{path} holds an encoder (masked-LM or classifier); use triform fill, embed or finetune with it.")
+        if model_kind == "seq2seq":
+            if not allow_seq2seq:
+                raise CheckpointError(f"{path} holds an encoder-decoder model; this command needs a decoder (triform generate and chat run both).")
+            from triform.training.denoise import load_seq2seq_checkpoint
+
+            return load_seq2seq_checkpoint(folder, device=device)
+        return load_checkpoint(folder, device=device)
     if kind == "gguf":
         from triform.interop.gguf import read_gguf
         from triform.interop.hf import config_from_hf, model_from_hf
@@ -55,10 +73,17 @@ def load_pretrained(
         g = read_gguf(path)
         model = model_from_hf(config_from_hf(g.hf_config), g.tensors, source=str(path))
         return model.to(device), g.tokenizer, {"source": str(path), "format": "gguf", **g.metadata}
-    from triform.interop.hf import load_hf
+    from triform.interop.hf import load_hf, read_hf_config, read_hf_tensors
     from triform.tokenizers.hf import HFTokenizer
 
-    model = load_hf(path, trust_pickle=trust_pickle)
+    if _hf_model_type(path) in ("t5", "mt5"):
+        if not allow_seq2seq:
+            raise CheckpointError(f"{path} holds an encoder-decoder (T5) model; this command needs a decoder.")
+        from triform.interop.hf_t5 import t5_config_from_hf, t5_from_hf
+
+        model = t5_from_hf(t5_config_from_hf(read_hf_config(path)), read_hf_tensors(path, trust_pickle=trust_pickle), str(path))
+    else:
+        model = load_hf(path, trust_pickle=trust_pickle)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
     try:

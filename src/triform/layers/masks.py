@@ -44,6 +44,26 @@ def and_masks(*fns: MaskFn) -> MaskFn:
     return combined
 
 
+def or_masks(*fns: MaskFn) -> MaskFn:
+    """The disjunction of several mask functions."""
+
+    def combined(q: Tensor, k: Tensor) -> Tensor:
+        out = fns[0](q, k)
+        for fn in fns[1:]:
+            out = out | fn(q, k)
+        return out
+
+    return combined
+
+
+def prefix_visible(prefix_lengths: Tensor) -> MaskFn:
+    """Keys inside each row's prefix (positions 0 .. P-1, P from ``prefix_lengths`` (B,)) are seen by
+    every query of that row: with ``or_masks(decoder_mask(...), prefix_visible(P))`` the prefix is
+    attended bidirectionally and the rest causally (prefix-LM, arXiv 1910.10683 §3.2.1)."""
+    p = prefix_lengths[:, None]  # (B, 1)
+    return lambda q, k: ((k >= 0) & (k < p))[..., None, :].expand(*k.shape[:-1], q.shape[-1], k.shape[-1])
+
+
 def materialize(fn: MaskFn, q_pos: Tensor, k_pos: Tensor) -> Tensor:
     """Evaluate ``fn`` into a boolean mask of shape (B|1, 1, Tq, Tk) ready for attention.
 

@@ -14,7 +14,7 @@ from triform.config import DecoderConfig
 from triform.inference.cache import ContiguousKVCache, KVCache, RollingKVCache
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
-from triform.layers.masks import decoder_mask, materialize, positions_from_padding
+from triform.layers.masks import decoder_mask, materialize, or_masks, positions_from_padding, prefix_visible
 from triform.layers.norm import make_norm
 from triform.layers.position import ALiBi, LearnedPositions, RotaryEmbedding, SinusoidalPositions
 
@@ -22,9 +22,11 @@ from triform.layers.position import ALiBi, LearnedPositions, RotaryEmbedding, Si
 class DecoderLM(nn.Module):
     """A causal language model built from the shared block stack.
 
-    ``forward(tokens, attention_mask=None, positions=None, cache=None, last_only=False)`` returns
-    logits. ``attention_mask`` (B, T) marks real tokens (False for left padding); ``positions`` may be
-    given explicitly (decode steps), otherwise they count from the cache's length.
+    ``forward(tokens, attention_mask=None, positions=None, cache=None, last_only=False,
+    prefix_lengths=None)`` returns logits. ``attention_mask`` (B, T) marks real tokens (False for left
+    padding); ``positions`` may be given explicitly (decode steps), otherwise they count from the
+    cache's length. ``prefix_lengths`` (B,) makes the model a prefix-LM: the first P positions of each
+    row attend to each other bidirectionally, the rest causally (UL2's S-denoiser on a decoder).
     """
 
     def __init__(self, cfg: DecoderConfig) -> None:
@@ -86,10 +88,11 @@ class DecoderLM(nn.Module):
 
     def attention_inputs(
         self, tokens: Tensor, attention_mask: Tensor | None, positions: Tensor | None, cache: KVCache | None,
+        prefix_lengths: Tensor | None = None,
     ) -> tuple[Tensor, AttentionInputs]:
         """Positions (B, T) of the new tokens and the mask/bias/RoPE tables every layer shares."""
         b, t = tokens.shape
-        aligned = positions is None and attention_mask is None and (cache is None or cache.is_empty)
+        aligned = positions is None and attention_mask is None and (cache is None or cache.is_empty) and prefix_lengths is None
         if positions is None:
             offset = self._cache_length(cache)
             if attention_mask is not None:
@@ -103,12 +106,17 @@ class DecoderLM(nn.Module):
         inputs = AttentionInputs(cache=cache)
         attend = getattr(cache, "attend", None)
         if attend is not None:  # the cache masks and attends itself (a packed paged step)
+            if prefix_lengths is not None:
+                raise ValueError("prefix-LM attention is not supported by the paged engine.")
             inputs.attend = attend
             if self.rope is not None:
                 inputs.rope = self.rope.tables(positions)
             return positions, inputs
         if aligned and k_pos.shape[1] == t and (window is None or window >= t):
             inputs.is_causal = True  # keys are exactly the queries, plain causal: SDPA's fused kernel
+        elif prefix_lengths is not None:
+            fn = or_masks(self.mask_fn, prefix_visible(prefix_lengths.to(k_pos.device)))
+            inputs.mask = materialize(fn, positions, k_pos)
         else:
             inputs.mask = materialize(self.mask_fn, positions, k_pos)
         if self.rope is not None:
@@ -119,13 +127,13 @@ class DecoderLM(nn.Module):
 
     def hidden_states(
         self, tokens: Tensor, *, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None, prefix_lengths: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B, T, d) before the output projection."""
         max_len = self.cfg.stack.max_seq_len
         if positions is None and self.abs_pos is not None and self._cache_length(cache) + tokens.shape[1] > max_len:
             raise ValueError(f"sequence of {self._cache_length(cache) + tokens.shape[1]} tokens exceeds max_seq_len {max_len}")
-        positions, inputs = self.attention_inputs(tokens, attention_mask, positions, cache)
+        positions, inputs = self.attention_inputs(tokens, attention_mask, positions, cache, prefix_lengths)
         x = self.tok_emb(tokens)  # (B, T, d)
         if self.abs_pos is not None:
             x = x + self.abs_pos(positions)
@@ -136,9 +144,9 @@ class DecoderLM(nn.Module):
 
     def forward(
         self, tokens: Tensor, *, attention_mask: Tensor | None = None, positions: Tensor | None = None,
-        cache: KVCache | None = None, last_only: bool = False,
+        cache: KVCache | None = None, last_only: bool = False, prefix_lengths: Tensor | None = None,
     ) -> Tensor:
-        h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions, cache=cache)
+        h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions, cache=cache, prefix_lengths=prefix_lengths)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)  # (B, T, V)

@@ -46,16 +46,27 @@ class Seq2Seq(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """T5's initialisation: N(0, 1) embeddings, N(0, d^-1/2)-scaled projections, unit norms."""
+        """T5's initialisation (as in its Mesh TensorFlow code): N(0, 1) embeddings; queries
+        N(0, (d·d_kv)^-1/2), which stands in for the attention scaling T5 omits; keys, values, FFN inputs,
+        the relative bias and an untied output layer N(0, d^-1/2); output projections N(0, fan_in^-1/2);
+        unit norms."""
         d = self.cfg.encoder.d_model
+        d_kv = self.cfg.encoder.head_dim
+        assert d_kv is not None
+        n_q = self.cfg.encoder.n_heads * d_kv
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or ".attn_norm." in name or ".ffn_norm." in name or ".cross_norm." in name:
-                nn.init.ones_(p)
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm weights (T5 has no biases)
             elif name == "shared.weight":
                 nn.init.normal_(p, std=1.0)
-            elif p.dim() >= 2:
+            elif name.endswith("attn.qkv.weight"):
+                nn.init.normal_(p, std=d**-0.5)
+                nn.init.normal_(p[:n_q], std=(d * d_kv) ** -0.5)
+            elif name.endswith("cross_attn.q.weight"):
+                nn.init.normal_(p, std=(d * d_kv) ** -0.5)
+            elif name.endswith(("attn.o.weight", "ffn.down.weight")):
                 nn.init.normal_(p, std=p.shape[1] ** -0.5)
-            else:
+            else:  # k/v of cross-attention, FFN inputs, relative bias tables, untied lm_head
                 nn.init.normal_(p, std=d**-0.5)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

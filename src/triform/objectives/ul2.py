@@ -69,8 +69,8 @@ class UL2Mixture:
         mode = self.mode_ids[d.kind]
         if d.kind == "S":
             prefix, rest = prefix_lm_split(tokens, rng)
-            targets = rest + ([eos] if eos is not None else [])
-            return [mode, *prefix], targets, d
+            end = [eos] if eos is not None else []  # like every T5 input, the prefix ends with </s>
+            return [mode, *prefix, *end], rest + end, d
         inputs, targets = corrupt_spans(tokens, self.sentinels, noise_density=d.noise_density, mean_span=d.mean_span,
                                         rng=rng, eos=eos)
         return [mode, *inputs], targets, d

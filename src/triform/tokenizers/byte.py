@@ -72,3 +72,59 @@ class ByteTokenizer:
         if specials[: len(DEFAULT_SPECIALS)] != DEFAULT_SPECIALS:
             raise CheckpointError(f"{directory}/tokenizer_config.json has unexpected special tokens.")
         return cls(extra_specials=specials[len(DEFAULT_SPECIALS) :])
+
+
+NUM_SENTINELS = 125  # as many as ByT5's extra ids
+MODE_SPECIALS = ("[NLU]", "[NLG]", "[S2S]")  # UL2's mode tokens (R, X and S denoisers)
+
+
+def sentinel_name(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def denoising_tokenizer(num_sentinels: int = NUM_SENTINELS) -> ByteTokenizer:
+    """The byte vocabulary of the encoder-decoder and denoising models (ByT5-style): bytes, pad, bos,
+    eos, mask, unk, UL2's three mode tokens and ``num_sentinels`` sentinels (389 ids by default)."""
+    return ByteTokenizer(extra_specials=("<unk>", *MODE_SPECIALS, *(sentinel_name(i) for i in range(num_sentinels))))
+
+
+def sentinel_ids(tok: ByteTokenizer) -> list[int]:
+    """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... in order (empty when the tokenizer has none)."""
+    out = []
+    while sentinel_name(len(out)) in tok.specials:
+        out.append(tok.special_id(sentinel_name(len(out))))
+    return out
+
+
+def encode_with_specials(tok: ByteTokenizer, data: bytes) -> list[int]:
+    """Byte ids of ``data`` with every special token name written in it (``<extra_id_0>``, ``[S2S]``,
+    ...) turned into that token's id, so a prompt can mark spans to fill."""
+    import re
+
+    names = sorted((s for s in tok.specials if s not in DEFAULT_SPECIALS), key=len, reverse=True)
+    if not names:
+        return list(data)
+    pattern = re.compile(b"|".join(re.escape(n.encode()) for n in names))
+    out: list[int] = []
+    at = 0
+    for m in pattern.finditer(data):
+        out += list(data[at : m.start()])
+        out.append(tok.special_id(m.group().decode()))
+        at = m.end()
+    return out + list(data[at:])
+
+
+def render_with_specials(tok: ByteTokenizer, ids: list[int]) -> str:
+    """Text of ``ids`` with sentinel and mode tokens shown by name (pad/bos/eos/mask omitted)."""
+    out, run = [], bytearray()
+    for i in ids:
+        if 0 <= i < 256:
+            run.append(i)
+            continue
+        out.append(run.decode("utf-8", errors="replace"))
+        run = bytearray()
+        name = tok.specials[i - 256] if 256 <= i < tok.vocab_size else ""
+        if name not in DEFAULT_SPECIALS:
+            out.append(name)
+    out.append(run.decode("utf-8", errors="replace"))
+    return "".join(out)

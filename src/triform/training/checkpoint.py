@@ -114,6 +114,10 @@ def load_checkpoint(
     """Load model (in eval mode), tokenizer and config metadata from a checkpoint or run folder."""
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
+    kind = meta.get("kind", "decoder")
+    if kind != "decoder":
+        what = {"seq2seq": "an encoder-decoder", "encoder": "an encoder"}.get(kind, f"a {kind!r} model")
+        raise CheckpointError(f"{folder} holds {what}; this command needs a decoder checkpoint.")
     try:
         cfg = DecoderConfig.from_dict(meta["model"])
     except ConfigError as exc:

@@ -92,7 +92,10 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if self.objective not in ("mlm", "mlm+nsp", "mlm+sop", "distill"):
-            raise ConfigError(f"objective must be mlm, mlm+nsp, mlm+sop or distill, got {self.objective!r}.")
+            raise ConfigError(
+                f"objective must be mlm, mlm+nsp, mlm+sop or distill (encoders), or span, prefix-lm, ul2 or causal "
+                f"(encoder-decoders and decoders), got {self.objective!r}."
+            )
         if self.objective == "distill" and not self.teacher:
             raise ConfigError("objective distill needs --teacher CHECKPOINT (a pretrained encoder).")
         for name in ("context", "batch_size", "max_steps"):
