@@ -8,7 +8,9 @@ equal parameter count, weights random (cost does not depend on them):
     the whole transcript so far, cross-attention keys/values are computed for it once, and the
     decoder writes the reply with its own KV cache, as `triform chat` does with such a model;
   - decoder-only (Llama layout, 7 layers): one KV cache for the whole conversation; each turn
-    runs only the new user message, then decodes the reply, as `triform chat` does.
+    runs only the new user message, then decodes the reply, as `triform chat` does;
+  - the same decoder-only model dropping its cache every turn (re-reading the transcript like the
+    encoder-decoder), which isolates what keeping the cache saves on one and the same model.
 
 Per turn it reports wall time (best of --repeats runs of the whole conversation) and FLOPs counted
 by torch.utils.flop_counter (matrix products and attention), the cumulative ratio at turn 20, and
@@ -50,6 +52,23 @@ def build(d: int, vocab: int) -> tuple[Seq2Seq, DecoderLM]:
     return s2s, dec
 
 
+def sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """Q·Kᵀ and P·V: 2 multiply-adds per (query, key, channel) each. (The counter sees shapes.)"""
+    *batch, tq, d = query
+    tk = key[-2]
+    n = 1
+    for x in batch:
+        n *= x
+    return 4 * n * tq * tk * d
+
+
+def counter() -> FlopCounterMode:
+    """FLOPs of matrix products plus attention, which torch's counter leaves out for CPU SDPA kernels."""
+    ops = [torch.ops.aten.scaled_dot_product_attention, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+           torch.ops.aten._scaled_dot_product_attention_math]  # the counter keys its table by op packet
+    return FlopCounterMode(display=False, custom_mapping={op: sdpa_flops for op in ops})
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1, :256].argmax(-1, keepdim=True)  # bytes only, so replies are 64 bytes of text
 
@@ -62,7 +81,7 @@ def run_seq2seq(model: Seq2Seq, turns: int, reply_len: int, eos: int) -> list[tu
     for i in range(turns):
         transcript += list(user_turn(i)) + list(b"assistant: ")
         source = torch.tensor([transcript + [eos]])
-        with FlopCounterMode(display=False) as fc:
+        with counter() as fc:
             t0 = time.perf_counter()
             memory = model.encode(source)
             cache, cross = model.new_cache(1, reply_len + 1), {}
@@ -78,25 +97,36 @@ def run_seq2seq(model: Seq2Seq, turns: int, reply_len: int, eos: int) -> list[tu
 
 
 @torch.inference_mode()
-def run_decoder(model: DecoderLM, turns: int, reply_len: int) -> list[tuple[float, float, int]]:
-    """(seconds, flops, new tokens computed) per turn: only the new message, then the reply, with one cache."""
+def run_decoder(model: DecoderLM, turns: int, reply_len: int, *, reuse: bool = True) -> list[tuple[float, float, int]]:
+    """(seconds, flops, tokens computed before decoding) per turn. With ``reuse`` one cache holds the
+    conversation and each turn runs only the new message; without, each turn starts a fresh cache
+    and re-reads the whole transcript (what an encoder-decoder must do), isolating the cache's effect."""
     cache = model.new_cache(1, 4096)
-    pending: list[int] = []  # the last reply's final token and newline, not yet in the cache
+    transcript: list[int] = []
+    pending: list[int] = []  # tokens of the conversation not yet in the cache
     out = []
     for i in range(turns):
-        new = pending + list(user_turn(i)) + list(b"assistant: ")
-        with FlopCounterMode(display=False) as fc:
+        message = list(user_turn(i)) + list(b"assistant: ")
+        transcript += message
+        if reuse:
+            new = pending + message
+        else:
+            cache, new = model.new_cache(1, 4096), list(transcript)
+        with counter() as fc:
             t0 = time.perf_counter()
             token = greedy(model(torch.tensor([new]), cache=cache, last_only=True))
+            reply = [int(token)]
             for _ in range(reply_len - 1):
                 token = greedy(model(token, cache=cache))
+                reply.append(int(token))
             seconds = time.perf_counter() - t0
         out.append((seconds, fc.get_total_flops(), len(new)))
-        pending = [int(token), 10]
+        transcript += reply + [10]
+        pending = [reply[-1], 10]  # the reply's last token and its newline were never fed
     return out
 
 
-def plot(path: Path, s2s: list, dec: list, ratio_t: float, ratio_f: float) -> None:
+def plot(path: Path, s2s: list, dec: list, fresh: list, ratio_t: float, ratio_f: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,11 +136,13 @@ def plot(path: Path, s2s: list, dec: list, ratio_t: float, ratio_f: float) -> No
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     a.plot(turns, [r[0] * 1e3 for r in s2s], "o-", label="encoder-decoder (re-encodes transcript)")
     a.plot(turns, [r[0] * 1e3 for r in dec], "s-", label="decoder-only (KV cache kept)")
+    a.plot(turns, [r[0] * 1e3 for r in fresh], "^--", label="decoder-only, cache dropped each turn")
     a.set_xlabel("turn")
     a.set_ylabel("ms per turn")
     a.set_title(f"wall time (cumulative ratio at turn {len(s2s)}: {ratio_t:.2f}×)")
     b.plot(turns, [r[1] / 1e9 for r in s2s], "o-", label="encoder-decoder")
     b.plot(turns, [r[1] / 1e9 for r in dec], "s-", label="decoder-only")
+    b.plot(turns, [r[1] / 1e9 for r in fresh], "^--", label="decoder-only, cache dropped")
     b.set_xlabel("turn")
     b.set_ylabel("GFLOP per turn")
     b.set_title(f"FLOPs (cumulative ratio: {ratio_f:.2f}×)")
@@ -136,29 +168,32 @@ def main() -> None:
     vocab = -(-tok.vocab_size // 8) * 8
     s2s_model, dec_model = build(args.d_model, vocab)
     n_s2s, n_dec = s2s_model.num_parameters(), dec_model.num_parameters()
-    best_s2s = best_dec = None
+    best: list[list | None] = [None, None, None]
     for _ in range(args.repeats):
-        a = run_seq2seq(s2s_model, args.turns, args.reply, tok.eos_id)
-        b = run_decoder(dec_model, args.turns, args.reply)
-        best_s2s = a if best_s2s is None else [min(x, y, key=lambda r: r[0]) for x, y in zip(best_s2s, a)]
-        best_dec = b if best_dec is None else [min(x, y, key=lambda r: r[0]) for x, y in zip(best_dec, b)]
-    assert best_s2s is not None and best_dec is not None
+        runs = [run_seq2seq(s2s_model, args.turns, args.reply, tok.eos_id), run_decoder(dec_model, args.turns, args.reply),
+                run_decoder(dec_model, args.turns, args.reply, reuse=False)]
+        best = [r if b is None else [min(x, y, key=lambda q: q[0]) for x, y in zip(b, r)] for b, r in zip(best, runs)]
+    s2s, dec, fresh = best  # type: ignore[misc]
     print(f"encoder-decoder {n_s2s / 1e6:.2f}M parameters (3+3 layers), decoder-only {n_dec / 1e6:.2f}M (7 layers), "
           f"d_model {args.d_model}, float32, {torch.get_num_threads()} threads; {args.turns} turns of 64-byte messages "
-          f"and {args.reply}-byte replies")
+          f"and {args.reply}-byte replies; best of {args.repeats} runs per turn")
     print()
-    print("| turn | enc-dec tokens encoded | enc-dec ms | enc-dec GFLOP | decoder new tokens | decoder ms | decoder GFLOP | time ratio | FLOP ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for i, (x, y) in enumerate(zip(best_s2s, best_dec), start=1):
+    print("| turn | enc-dec: tokens encoded | ms | GFLOP | decoder, cache kept: new tokens | ms | GFLOP | "
+          "decoder, cache dropped: tokens | ms | GFLOP | enc-dec ÷ kept: time | FLOPs |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for i, (x, y, z) in enumerate(zip(s2s, dec, fresh), start=1):
         print(f"| {i} | {x[2]} | {x[0] * 1e3:.1f} | {x[1] / 1e9:.3f} | {y[2]} | {y[0] * 1e3:.1f} | {y[1] / 1e9:.3f} | "
-              f"{x[0] / y[0]:.2f}× | {x[1] / y[1]:.2f}× |")
-    ts, td = sum(r[0] for r in best_s2s), sum(r[0] for r in best_dec)
-    fs, fd = sum(r[1] for r in best_s2s), sum(r[1] for r in best_dec)
+              f"{z[2]} | {z[0] * 1e3:.1f} | {z[1] / 1e9:.3f} | {x[0] / y[0]:.2f}× | {x[1] / y[1]:.2f}× |")
+    total = [(sum(r[0] for r in run), sum(r[1] for r in run)) for run in (s2s, dec, fresh)]
     print()
-    print(f"cumulative over {args.turns} turns: encoder-decoder {ts:.2f} s, {fs / 1e9:.2f} GFLOP; "
-          f"decoder-only {td:.2f} s, {fd / 1e9:.2f} GFLOP")
-    print(f"cumulative ratio at turn {args.turns}: time {ts / td:.2f}×, FLOPs {fs / fd:.2f}×")
-    plot(Path(args.out), best_s2s, best_dec, ts / td, fs / fd)
+    for name, (t, f) in zip(("encoder-decoder", "decoder-only, cache kept", "decoder-only, cache dropped"), total):
+        print(f"cumulative over {args.turns} turns, {name}: {t:.2f} s, {f / 1e9:.2f} GFLOP")
+    (ts, fs), (td, fd), (tf, ff) = total
+    print(f"cumulative ratio at turn {args.turns}, encoder-decoder ÷ decoder with cache: time {ts / td:.2f}×, FLOPs {fs / fd:.2f}×")
+    print(f"cumulative ratio at turn {args.turns}, decoder without ÷ with its cache: time {tf / td:.2f}×, FLOPs {ff / fd:.2f}×")
+    last = (s2s[-1][1] / dec[-1][1], s2s[-1][0] / dec[-1][0])
+    print(f"turn {args.turns} alone, encoder-decoder ÷ decoder with cache: FLOPs {last[0]:.2f}×, time {last[1]:.2f}×")
+    plot(Path(args.out), s2s, dec, fresh, ts / td, fs / fd)
     print(f"plot: {args.out}")
 
 
