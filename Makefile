@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_smollm2.py
 	$(BIN)/python benchmarks/serving.py --static-triform
 	$(BIN)/python benchmarks/encoders.py
+	$(BIN)/python benchmarks/ul2.py --seq2seq
+	$(BIN)/python benchmarks/chat_cost.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
