@@ -31,7 +31,7 @@ from triform.training.denoise import DenoiseConfig, load_seq2seq_checkpoint, pre
 
 def _decoder(seed: int = 0) -> DecoderLM:
     torch.manual_seed(seed)
-    return DecoderLM(get_preset("llama3-8b-tiny").replace(vocab_size=392)).eval()
+    return DecoderLM(get_preset("llama3-8b-tiny").replace(vocab_size=520)).eval()
 
 
 def test_prefix_lm_mask_is_bidirectional_over_the_prefix_only() -> None:
@@ -84,11 +84,11 @@ def test_prefix_lm_generation_is_the_same_alone_and_left_padded() -> None:
 
 def test_denoising_tokenizer_specials_and_round_trip() -> None:
     tok = denoising_tokenizer()
-    assert tok.vocab_size == 389 and len(sentinel_ids(tok)) == 125
-    for name in ("<pad>", "<eos>", "<unk>", "[NLU]", "[NLG]", "[S2S]", "<extra_id_0>", "<extra_id_124>"):
+    assert tok.vocab_size == 514 and len(sentinel_ids(tok)) == 250
+    for name in ("<pad>", "<eos>", "<unk>", "[NLU]", "[NLG]", "[S2S]", "<extra_id_0>", "<extra_id_249>"):
         assert tok.special_id(name) >= 256
     s = sentinel_ids(tok)
-    assert s == sorted(s) and len(set(s)) == 125
+    assert s == sorted(s) and len(set(s)) == 250
     ids = encode_with_specials(tok, "Fill <extra_id_0> and <extra_id_12>, [S2S] é".encode())
     assert ids.count(s[0]) == 1 and ids.count(s[12]) == 1 and tok.special_id("[S2S]") in ids
     assert render_with_specials(tok, ids) == "Fill <extra_id_0> and <extra_id_12>, [S2S] é"

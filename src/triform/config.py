@@ -438,7 +438,7 @@ def t5_config(
     )
 
 
-SEQ2SEQ_VOCAB = 392  # triform.tokenizers.byte.denoising_tokenizer(): 389 ids rounded up to a multiple of 8
+SEQ2SEQ_VOCAB = 520  # triform.tokenizers.byte.denoising_tokenizer(): 514 ids rounded up to a multiple of 8
 
 
 def byt5_config(d: int, encoder_layers: int, heads: int, d_kv: int, ff: int, *, vocab: int = SEQ2SEQ_VOCAB, ctx: int = 1024) -> Seq2SeqConfig:

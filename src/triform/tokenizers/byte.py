@@ -74,7 +74,7 @@ class ByteTokenizer:
         return cls(extra_specials=specials[len(DEFAULT_SPECIALS) :])
 
 
-NUM_SENTINELS = 125  # as many as ByT5's extra ids
+NUM_SENTINELS = 250  # twice ByT5's 125 extra ids: UL2's X-denoiser (μ=3, r=0.5) needs one per 6 bytes
 MODE_SPECIALS = ("[NLU]", "[NLG]", "[S2S]")  # UL2's mode tokens (R, X and S denoisers)
 
 
@@ -84,7 +84,7 @@ def sentinel_name(i: int) -> str:
 
 def denoising_tokenizer(num_sentinels: int = NUM_SENTINELS) -> ByteTokenizer:
     """The byte vocabulary of the encoder-decoder and denoising models (ByT5-style): bytes, pad, bos,
-    eos, mask, unk, UL2's three mode tokens and ``num_sentinels`` sentinels (389 ids by default)."""
+    eos, mask, unk, UL2's three mode tokens and ``num_sentinels`` sentinels (514 ids by default)."""
     return ByteTokenizer(extra_specials=("<unk>", *MODE_SPECIALS, *(sentinel_name(i) for i in range(num_sentinels))))
 
 

@@ -3,7 +3,7 @@ an encoder-decoder (``Seq2Seq``, T5 / ByT5 presets) or a decoder (``DecoderLM`` 
 a prefix-LM: bidirectional over the inputs, causal over the targets). ``causal`` trains a decoder as
 a plain language model with the same loop, so objectives can be compared at equal budgets.
 
-Byte-level throughout (``denoising_tokenizer``: bytes, specials, UL2's mode tokens, 125 sentinels).
+Byte-level throughout (``denoising_tokenizer``: bytes, specials, UL2's mode tokens, 250 sentinels).
 The loop reuses the decoder trainer's pieces: AdamW groups, warm-up + cosine, clipping, wall-clock
 budgets and atomic checkpoints. ``denoise_step`` is a plain function a distributed wrapper can call.
 """
