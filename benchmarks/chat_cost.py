@@ -146,7 +146,10 @@ def plot(path: Path, s2s: list, dec: list, fresh: list, ratio_t: float, ratio_f:
     b.set_xlabel("turn")
     b.set_ylabel("GFLOP per turn")
     b.set_title(f"FLOPs (cumulative ratio: {ratio_f:.2f}×)")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

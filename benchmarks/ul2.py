@@ -143,18 +143,19 @@ def main() -> None:
 
                 model = load_checkpoint(r.checkpoint)[0]
             m = evaluate(model, objective, windows, spans)
-            rows.append((objective, r.family, r.parameters, r.steps, r.seconds, m))
-            print(f"{objective:>7} {r.family:<8} {r.parameters / 1e6:.2f}M  {r.steps} steps in {r.seconds:.0f}s  "
+            rows.append((objective, r.family, r.parameters, r.steps, r.target_tokens, m))
+            print(f"{objective:>7} {r.family:<8} {r.parameters / 1e6:.2f}M  {r.steps} steps in {r.seconds:.0f}s, {r.target_tokens / 1e6:.2f}M target tokens  "
                   f"continuation {m['continuation']:.3f}  infill(8) {m['infill8']:.3f}  infill(20) {m['infill20']:.3f}  "
                   f"[{time.perf_counter() - t0:.0f}s]", flush=True)
     print()
     print(f"Held-out plays, {args.windows} windows of {PREFIX + CONT} bytes; bits per byte (lower is better); "
           f"budget {args.budget} per model, batch {args.batch_size} windows of {PREFIX + CONT} bytes.")
     print()
-    print("| objective | family | params | steps | continuation (256 given 512) | infill μ=8 | infill μ=20 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for objective, family, n, steps, _, m in rows:
-        print(f"| {objective} | {family} | {n / 1e6:.2f}M | {steps} | {m['continuation']:.3f} | {m['infill8']:.3f} | {m['infill20']:.3f} |")
+    print("| objective | family | params | steps | target tokens trained on | continuation (256 given 512) | infill μ=8 | infill μ=20 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for objective, family, n, steps, targets, m in rows:
+        print(f"| {objective} | {family} | {n / 1e6:.2f}M | {steps} | {targets / 1e6:.2f}M | {m['continuation']:.3f} | "
+              f"{m['infill8']:.3f} | {m['infill20']:.3f} |")
     print()
     best = {k: min(r[5][k] for r in rows) for k in ("continuation", "infill8", "infill20")}
     for objective, family, *_, m in rows:

@@ -338,7 +338,8 @@ def _inference_weights(model, weights: str):
 
 
 def convert(src: str, dst: str, to: str = "auto", trust_pickle: bool = False, max_shard_size: str = "2GB") -> None:
-    """Convert a checkpoint: HF folder or GGUF file to a triform checkpoint, or triform to an HF folder.
+    """Convert a checkpoint: HF folder or GGUF file to a triform checkpoint, or triform to an HF folder
+    (decoders: GPT-2, Llama, Mistral layouts; encoder-decoders: T5 / ByT5 layouts).
 
     Args:
         src: A Hugging Face model folder, a .gguf file, or a triform checkpoint/run folder.
@@ -355,12 +356,22 @@ def convert(src: str, dst: str, to: str = "auto", trust_pickle: bool = False, ma
     target = {"auto": "hf" if kind == "triform" else "triform"}.get(to, to)
     if target not in ("triform", "hf"):
         raise TriformError(f"--to must be triform, hf or auto, got {to!r}.")
-    model, tokenizer, _ = load_pretrained(src, trust_pickle=trust_pickle)
+    from triform.models.encoder_decoder import Seq2Seq
+
+    model, tokenizer, _ = load_pretrained(src, trust_pickle=trust_pickle, allow_seq2seq=True)
+    seq2seq = isinstance(model, Seq2Seq)
     if target == "hf":
         save_tokenizer = tokenizer.save if tokenizer.kind in ("hf", "bpe") else None
-        save_hf(model, dst, max_shard_bytes=_parse_size(max_shard_size), save_tokenizer=save_tokenizer)
+        if seq2seq:
+            from triform.interop.hf_t5 import save_hf_t5
+
+            save_hf_t5(model, dst)
+            tokenizer.save(Path(dst))  # a byte tokenizer too: triform reads the folder back with it
+        else:
+            save_hf(model, dst, max_shard_bytes=_parse_size(max_shard_size), save_tokenizer=save_tokenizer)
     else:
-        save_checkpoint(Path(dst), model, tokenizer, extra={"converted_from": str(src)})
+        extra = {"converted_from": str(src), **({"kind": "seq2seq"} if seq2seq else {})}
+        save_checkpoint(Path(dst), model, tokenizer, extra=extra)
     print(f"wrote {target} checkpoint {dst} ({model.num_parameters() / 1e6:.1f}M parameters, {model.cfg.family})")
 
 

@@ -84,12 +84,12 @@ def load_pretrained(
         model = t5_from_hf(t5_config_from_hf(read_hf_config(path)), read_hf_tensors(path, trust_pickle=trust_pickle), str(path))
     else:
         model = load_hf(path, trust_pickle=trust_pickle)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
     try:
         own_kind = json.loads((path / "tokenizer_config.json").read_text()).get("kind")
     except (OSError, json.JSONDecodeError, AttributeError):
         own_kind = None
+    if not own_kind and not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
     tokenizer = load_tokenizer(path) if own_kind else HFTokenizer.from_folder(path)  # exported by triform
     return model.to(device), tokenizer, {"source": str(path), "format": "hf"}
 

@@ -125,6 +125,7 @@ class DenoiseResult:
     checkpoint: Path
     family: str
     parameters: int
+    target_tokens: int = 0  # tokens that carried loss during training
 
 
 class ByteWindows:
@@ -250,9 +251,10 @@ def pretrain_denoiser(
                desc=f"{cfg.objective} ({family}, {n_params / 1e6:.2f}M)")
     t0 = time.perf_counter()
     losses: list[float] = []
-    step = 0
+    step, target_tokens = 0, 0
     while step < total:
         batch = {k: v.to(device) for k, v in example_batch(task, train_windows.sample(cfg.batch_size, rng), rng, tok, family).items()}
+        target_tokens += int((batch["labels"] != IGNORE).sum())
         lr = lr_at(step, lr=cfg.lr, min_lr=min_lr, warmup=cfg.warmup_steps, total=total)
         loss = denoise_step(model, opt, batch, lr=lr, grad_clip=cfg.grad_clip, causal=cfg.objective == "causal")
         if not math.isfinite(loss):
@@ -275,7 +277,7 @@ def pretrain_denoiser(
             "train": {**asdict(cfg), "mixture_weights": list(cfg.mixture_weights) if cfg.mixture_weights else None}}
     saved = save_checkpoint(Path(out_dir) / CHECKPOINT_DIR, model, tok, extra=meta)
     tail = losses[-20:]
-    return DenoiseResult(step, sum(tail) / len(tail), val_loss, val_bpb, seconds, saved, family, n_params)
+    return DenoiseResult(step, sum(tail) / len(tail), val_loss, val_bpb, seconds, saved, family, n_params, target_tokens)
 
 
 def load_seq2seq_checkpoint(path: Path | str, *, device: str | torch.device = "cpu") -> tuple[Seq2Seq, ByteTokenizer, dict[str, Any]]:
