@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from triform.data.shakespeare import shakespeare_corpus
 from triform.models.encoder_decoder import Seq2Seq
-from triform.objectives.denoise import IGNORE, prefix_lm_batch, seq2seq_batch, task_for
+from triform.objectives.denoise import IGNORE, prefix_lm_batch, seq2seq_batch
 from triform.objectives.span_corruption import corrupt_spans
 from triform.tokenizers.byte import denoising_tokenizer, sentinel_ids
 from triform.training.denoise import ByteWindows, DenoiseConfig, load_seq2seq_checkpoint, pretrain_denoiser

@@ -159,25 +159,22 @@ def generate(
     if num_beams != 1:
         raise TriformError("--num-beams applies to encoder-decoder models; decoders sample or decode greedily.")
     prefix_lm = meta.get("objective") in ("prefix-lm", "ul2", "span")
-    if prefix_lm or mode_id is not None:
-        if prompts is not None:
-            raise TriformError("the engine runs causal decoders; give a prefix-LM (UL2) decoder one prompt at a time.")
-        from triform.tokenizers.byte import encode_with_specials
-
-        # the model read inputs ending with </s> in training (T5's convention)
-        ids = ([mode_id] if mode_id is not None else []) + encode_with_specials(tokenizer, _prompt_bytes(prompt)) + [tokenizer.eos_id]  # type: ignore[arg-type]
-        sys.stdout.buffer.write(_prompt_bytes(prompt))  # type: ignore[arg-type]
-        sys.stdout.flush()
-        run_generation(lm, tokenizer, [ids], params, use_cache=not no_cache, truncate=truncate, on_text=lambda _, t: _write(t), prefix_lm=prefix_lm)
-        print()
-        return
+    if (prefix_lm or mode_id is not None) and prompts is not None:
+        raise TriformError("the engine runs causal decoders; give a prefix-LM (UL2) decoder one prompt at a time.")
     if prompts is None or weights != "float32":  # the engine batches many rows: plain float32 layers suit it
         lm = _inference_weights(lm, weights)
     if prompt is not None:
         data = _prompt_bytes(prompt)
+        source: bytes | list[int] = data
+        if prefix_lm or mode_id is not None:
+            from triform.tokenizers.byte import encode_with_specials
+
+            # the model read inputs ending with </s> in training (T5's convention)
+            source = ([mode_id] if mode_id is not None else []) + encode_with_specials(tokenizer, data) + [tokenizer.eos_id]
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
-        run_generation(lm, tokenizer, [data], params, use_cache=not no_cache, truncate=truncate, on_text=lambda _, t: _write(t))
+        run_generation(lm, tokenizer, [source], params, use_cache=not no_cache, truncate=truncate,
+                       on_text=lambda _, t: _write(t), prefix_lm=prefix_lm)
         print()
         return
     from triform.inference.engine import Engine
@@ -276,6 +273,10 @@ def evaluate(
     print(f"loss {m['loss']:.4f} nats/token   {m['bpb']:.4f} bits/byte   perplexity {m['ppl']:.3f}")
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
 def presets() -> None:
     """List the model presets with their shapes and parameter counts."""
     from triform.config import PRESETS, count_parameters
@@ -285,8 +286,7 @@ def presets() -> None:
     print("-" * len(header))
     for name, cfg in PRESETS.items():
         s = cfg.stack
-        n = count_parameters(cfg)
-        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+        size = _size(count_parameters(cfg))
         print(
             f"{name:<20} {cfg.family:<8} {s.n_layers:>6} {s.d_model:>7} {f'{s.n_heads}/{s.n_kv_heads}':>7} {s.ffn:<9} "
             f"{s.position:<10} {str(s.sliding_window or '-'):>6} {s.max_seq_len:>7} {size:>10}"
@@ -303,8 +303,7 @@ def presets() -> None:
     for name, cfg in ENCODER_PRESETS.items():
         s = cfg.stack
         with torch.device("meta"):
-            n = sum(p.numel() for p in Encoder(cfg).parameters())
-        size = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+            size = _size(sum(p.numel() for p in Encoder(cfg).parameters()))
         print(
             f"{name:<22} {cfg.family:<10} {s.n_layers:>6} {s.d_model:>7} {cfg.embedding_dim:>5} {s.n_heads:>5} {s.ffn:<9} "
             f"{'yes' if cfg.share_layers else 'no':>6} {cfg.max_tokens:>7} {size:>10}"
@@ -319,8 +318,7 @@ def presets() -> None:
     for name, c in SEQ2SEQ_PRESETS.items():
         e = c.encoder
         with torch.device("meta"):
-            n = Seq2Seq(c).num_parameters()
-        size = f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+            size = _size(Seq2Seq(c).num_parameters())
         print(
             f"{name:<22} {c.family:<6} {f'{e.n_layers}/{c.decoder.n_layers}':>7} {e.d_model:>7} {e.n_heads:>5} {e.head_dim:>4} "
             f"{e.ffn:<5} {e.d_ff:>5} {c.vocab_size:>6} {'yes' if c.tie_embeddings else 'no':>4} {size:>10}"

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from triform.errors import CheckpointError
-from triform.models.decoder import DecoderLM
 from triform.tokenizers.base import Tokenizer, load_tokenizer
 
 

@@ -63,11 +63,10 @@ class DenoisingTask:
             [(d.noise_density, d.mean_span) for d in UL2_DENOISERS if d.kind != "S"] if self.objective == "ul2" else [])
         return max([max(1, round(max(1, round(length * r)) / mu)) for r, mu in denoisers], default=0)
 
-    def max_lengths(self, length: int) -> tuple[int, int]:
-        """Upper bounds on (len(inputs), len(targets)) for windows of ``length`` tokens."""
-        spans = self.max_spans(length)
-        extra = 2  # a mode token and an end-of-sequence token
-        return length + spans + extra, length + spans + extra
+    def max_length(self, length: int) -> int:
+        """An upper bound on len(inputs) and on len(targets) for windows of ``length`` tokens: the
+        text, a sentinel per span, a mode token and an end-of-sequence token."""
+        return length + self.max_spans(length) + 2
 
     def example(self, tokens: list[int], rng: random.Random) -> Pair:
         """(inputs, targets) for one window."""

@@ -122,10 +122,16 @@ def load_checkpoint(
         cfg = DecoderConfig.from_dict(meta["model"])
     except ConfigError as exc:
         raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
+    model = load_weights(DecoderLM(cfg), folder)
+    return model.to(device).eval(), load_tokenizer(folder), meta
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """Fill ``model`` with a checkpoint folder's tensors, which must be exactly what ``model_state``
+    would save for it (same names, same shapes); any mismatch is a CheckpointError naming it."""
     weights = folder / "model.safetensors"
     state = read_weights(folder)
-    model = DecoderLM(cfg)
-    expected = model_state(model)
+    expected = model_state(model)  # type: ignore[arg-type]
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -136,8 +142,7 @@ def load_checkpoint(
     if bad:
         raise CheckpointError(f"{weights} has tensors of the wrong shape for its config (e.g. {bad[0]}).")
     model.load_state_dict(state, strict=False)
-    tokenizer = load_tokenizer(folder)
-    return model.to(device).eval(), tokenizer, meta
+    return model
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:

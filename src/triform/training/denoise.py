@@ -31,9 +31,9 @@ from triform.models.decoder import DecoderLM
 from triform.models.encoder_decoder import Seq2Seq
 from triform.objectives.denoise import IGNORE, OBJECTIVES, DenoisingTask, prefix_lm_batch, seq2seq_batch, task_for
 from triform.tokenizers.byte import ByteTokenizer, denoising_tokenizer
-from triform.training.checkpoint import CHECKPOINT_DIR, read_meta, read_weights, resolve_checkpoint, save_checkpoint
+from triform.training.checkpoint import CHECKPOINT_DIR, load_weights, read_meta, resolve_checkpoint, save_checkpoint
 from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import LN2, parse_duration, resolve_device
+from triform.training.trainer import LN2, parse_duration, resolve_device, steps_for_budget
 
 DENOISING_OBJECTIVES = ("span", "prefix-lm", "ul2")
 
@@ -149,16 +149,16 @@ def build_model(family: str, preset: str, tok: ByteTokenizer, task: DenoisingTas
                 overrides: dict[str, Any] | None = None) -> nn.Module:
     """The preset, re-shaped for the byte vocabulary and long enough for the task's examples."""
     vocab = -(-tok.vocab_size // 8) * 8
-    n_in, n_out = task.max_lengths(context)
+    longest = task.max_length(context)
     if family == "seq2seq":
         cfg = get_seq2seq_preset(preset).replace(
             vocab_size=vocab, pad_id=tok.pad_id, eos_id=tok.eos_id, decoder_start_id=tok.pad_id, **(overrides or {}))
-        if max(n_in, n_out) > cfg.encoder.max_seq_len:
-            cfg = cfg.replace(max_seq_len=max(n_in, n_out))
+        if longest > cfg.encoder.max_seq_len:
+            cfg = cfg.replace(max_seq_len=longest)
         return Seq2Seq(cfg)
     if task.objective != "causal" and get_preset(preset).stack.sliding_window is not None:
         raise ConfigError(f"preset {preset} has a sliding window; prefix-LM training needs full attention.")
-    total = context + 1 if task.objective == "causal" else n_in + n_out
+    total = context + 1 if task.objective == "causal" else 2 * longest
     dcfg = get_preset(preset).replace(vocab_size=vocab, **(overrides or {}))
     if total > dcfg.stack.max_seq_len:
         dcfg = dcfg.replace(max_seq_len=total)
@@ -253,8 +253,9 @@ def pretrain_denoiser(
     losses: list[float] = []
     step, target_tokens = 0, 0
     while step < total:
-        batch = {k: v.to(device) for k, v in example_batch(task, train_windows.sample(cfg.batch_size, rng), rng, tok, family).items()}
-        target_tokens += int((batch["labels"] != IGNORE).sum())
+        batch = example_batch(task, train_windows.sample(cfg.batch_size, rng), rng, tok, family)
+        target_tokens += int((batch["labels"] != IGNORE).sum())  # counted on the host, before the copy
+        batch = {k: v.to(device) for k, v in batch.items()}
         lr = lr_at(step, lr=cfg.lr, min_lr=min_lr, warmup=cfg.warmup_steps, total=total)
         loss = denoise_step(model, opt, batch, lr=lr, grad_clip=cfg.grad_clip, causal=cfg.objective == "causal")
         if not math.isfinite(loss):
@@ -263,7 +264,7 @@ def pretrain_denoiser(
         step += 1
         elapsed = time.perf_counter() - t0
         if budget is not None and step == 5:  # fit the step count (and cosine horizon) to the budget
-            total = max(step + 1, min(cfg.max_steps, int(budget / (elapsed / step))))
+            total = steps_for_budget(step, elapsed, budget, cfg.max_steps)
             bar.total = total
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -293,10 +294,5 @@ def load_seq2seq_checkpoint(path: Path | str, *, device: str | torch.device = "c
         mcfg = Seq2SeqConfig.from_dict(meta["model"])
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
-    model = Seq2Seq(mcfg)
-    state = read_weights(folder)
-    own = {k: v for k, v in model.state_dict().items() if not (mcfg.tie_embeddings and k == "lm_head.weight")}
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not match its config.")
-    model.load_state_dict(state, strict=False)
+    model = load_weights(Seq2Seq(mcfg), folder)
     return model.to(device).eval(), load_tokenizer(folder), meta  # type: ignore[return-value]

@@ -38,9 +38,9 @@ from triform.objectives.masked_lm import (
     static_mask_generator,
 )
 from triform.tokenizers.byte import ByteTokenizer
-from triform.training.checkpoint import CHECKPOINT_DIR, read_meta, read_weights, resolve_checkpoint, save_checkpoint
+from triform.training.checkpoint import CHECKPOINT_DIR, load_weights, read_meta, resolve_checkpoint, save_checkpoint
 from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import parse_duration, resolve_device
+from triform.training.trainer import parse_duration, resolve_device, steps_for_budget
 
 Objective = Literal["mlm", "mlm+nsp", "mlm+sop", "distill"]
 
@@ -183,11 +183,7 @@ def load_encoder_checkpoint(path: Path | str, *, device: str | torch.device = "c
         "token": lambda: EncoderForTokenClassification(cfg, n),
         "qa": lambda: EncoderForQuestionAnswering(cfg),
     }[head]()
-    state = read_weights(folder)
-    own = model.state_dict()
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not match its config.")
-    model.load_state_dict(state)
+    load_weights(model, folder)
     tok = load_tokenizer(folder)
     return model.to(device).eval(), tok, meta  # type: ignore[return-value]
 
@@ -295,7 +291,7 @@ def pretrain(cfg: PretrainConfig, *, preset: str = "bert-base-tiny", out_dir: Pa
         step += 1
         elapsed = time.perf_counter() - t0
         if budget is not None and step == 10:  # fit the step count (and cosine horizon) to the budget
-            total = max(step + 1, min(cfg.max_steps, int(budget / (elapsed / step))))
+            total = steps_for_budget(step, elapsed, budget, cfg.max_steps)
             bar.total = total
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", **{k: f"{v:.3f}" for k, v in parts.items()}, refresh=False)

@@ -28,7 +28,7 @@ from triform.tokenizers.byte import ByteTokenizer
 from triform.tokenizers.wordpiece import EncodedBatch, WordPieceTokenizer
 from triform.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
 from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import parse_duration, resolve_device
+from triform.training.trainer import parse_duration, resolve_device, steps_for_budget
 
 
 class ByteTextEncoder:
@@ -225,7 +225,7 @@ def finetune_classifier(
         step += 1
         elapsed = time.perf_counter() - t0
         if budget is not None and step == 5:
-            total = max(step + 1, min(total, int(budget / (elapsed / step))))
+            total = steps_for_budget(step, elapsed, budget, total)
             bar.total = total
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

@@ -50,6 +50,12 @@ def parse_duration(text: str | float | int | None) -> float | None:
     return seconds
 
 
+def steps_for_budget(done: int, elapsed: float, budget: float, cap: int) -> int:
+    """How many steps fit ``budget`` seconds at the pace of the first ``done`` (``elapsed`` seconds):
+    at least one more than done, at most ``cap``."""
+    return max(done + 1, min(cap, int(budget / (elapsed / done))))
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything one training run needs besides the model shape.
