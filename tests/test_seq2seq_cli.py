@@ -16,8 +16,7 @@ from triform.inference.chat import ChatSession, Seq2SeqChatSession, render_chat
 from triform.inference.sampling import SamplingParams
 from triform.inference.seq2seq import seq2seq_beam_search, seq2seq_generate
 from triform.tokenizers.byte import render_with_specials
-from triform.training.checkpoint import load_checkpoint
-from triform.training.denoise import load_seq2seq_checkpoint
+from triform.checkpoint import load_checkpoint
 
 SHORT = ["--context", "48", "--batch-size", "8", "--max-steps", "12"]
 
@@ -37,9 +36,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[st
 
 
 def test_pretrain_writes_each_family(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    model, _, meta = load_seq2seq_checkpoint(runs["s2s-ul2"])
+    model, _, meta = load_checkpoint(runs["s2s-ul2"], kind="seq2seq")
     assert meta["kind"] == "seq2seq" and meta["objective"] == "ul2" and model.cfg.family == "byt5"
-    model, _, meta = load_seq2seq_checkpoint(runs["s2s-span"])
+    model, _, meta = load_checkpoint(runs["s2s-span"], kind="seq2seq")
     assert meta["objective"] == "span" and meta["train"]["mean_span"] == 3 and model.cfg.scale_output
     lm, _, meta = load_checkpoint(runs["dec-ul2"])
     assert meta["kind"] == "decoder" and meta["objective"] == "ul2" and lm.cfg.stack.max_seq_len >= 48
@@ -47,7 +46,7 @@ def test_pretrain_writes_each_family(runs: dict[str, Path], capsys: pytest.Captu
 
 def test_generate_on_seq2seq_matches_the_library(runs: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     run = runs["s2s-ul2"]
-    model, tok, _ = load_seq2seq_checkpoint(run)
+    model, tok, _ = load_checkpoint(run, kind="seq2seq")
     capsys.readouterr()
     assert main(["generate", str(run), "KING:\nThe <extra_id_0> will", "--mode", "R", "--temperature", "0", "--max-new-tokens", "10"]) == 0
     out = capsys.readouterr().out
@@ -73,7 +72,7 @@ def test_generate_on_prefix_lm_decoder(runs: dict[str, Path], capsys: pytest.Cap
 
 
 def test_seq2seq_chat_re_encodes_the_transcript(runs: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    model, tok, _ = load_seq2seq_checkpoint(runs["s2s-ul2"])
+    model, tok, _ = load_checkpoint(runs["s2s-ul2"], kind="seq2seq")
     params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
     chat = Seq2SeqChatSession(model, tok, params, mode_id=tok.special_id("[S2S]"))
     computed = []
@@ -124,7 +123,7 @@ def test_convert_seq2seq_to_transformers_and_back(runs: dict[str, Path], tmp_pat
     from triform.interop.hf_t5 import t5_config_from_hf
 
     for name in ("s2s-ul2", "s2s-span"):  # T5 1.1 / ByT5 layout (gated, untied) and T5 1.0 (ReLU, tied, scaled)
-        ours, _, _ = load_seq2seq_checkpoint(runs[name])
+        ours, _, _ = load_checkpoint(runs[name], kind="seq2seq")
         hf_dir = tmp_path / f"{name}-hf"
         assert main(["convert", str(runs[name]), str(hf_dir)]) == 0
         hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
@@ -137,7 +136,7 @@ def test_convert_seq2seq_to_transformers_and_back(runs: dict[str, Path], tmp_pat
         # triform encoder-decoder checkpoint with the same weights
         back = tmp_path / f"{name}-back"
         assert main(["convert", str(hf_dir), str(back)]) == 0
-        again, tok, meta = load_seq2seq_checkpoint(back)
+        again, tok, meta = load_checkpoint(back, kind="seq2seq")
         assert meta["kind"] == "seq2seq" and tok.vocab_size == 514
         for key, value in ours.state_dict().items():
             assert torch.equal(again.state_dict()[key], value), key

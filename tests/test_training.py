@@ -15,10 +15,11 @@ from triform.config import get_preset
 from triform.errors import CheckpointError, ConfigError
 from triform.models.decoder import DecoderLM
 from triform.tokenizers import ByteTokenizer
-from triform.training import checkpoint as ckpt
-from triform.training.checkpoint import load_checkpoint, save_checkpoint
+from triform import checkpoint as ckpt
+from triform.checkpoint import load_checkpoint, save_checkpoint
 from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import TrainConfig, parse_duration, train
+from triform.training.args import parse_duration
+from triform.training.trainer import TrainConfig, train
 
 
 def test_lr_schedule_shape() -> None:

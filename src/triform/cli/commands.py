@@ -43,12 +43,13 @@ def train(
     get_preset(preset)  # fail fast on an unknown name, before any data is fetched
     result = run_training(cfg or TrainConfig(), preset=preset, model_overrides=model, out_dir=out, resume=resume, stop_after=stop_after)
     print(
-        f"trained {result.steps} steps in {result.seconds:.0f}s ({result.tokens_per_second:,.0f} tokens/s); "
+        f"trained {result.steps} steps in {result.seconds:.0f}s ({result.train_seconds:.0f}s training at "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.eval_seconds:.0f}s evaluation, {result.precision}); "
         f"validation loss {result.val_loss:.4f} nats/token, {result.val_bpb:.4f} bits/byte"
     )
     print(f"checkpoint: {Path(out) / 'checkpoint'}   loss plot: {Path(out) / 'loss.png'}")
     if sample_tokens > 0:
-        from triform.training.checkpoint import load_checkpoint
+        from triform.checkpoint import load_checkpoint
 
         lm, tokenizer, _ = load_checkpoint(out)
         params = SamplingParams(temperature=0.8, top_k=None, max_new_tokens=sample_tokens, seed=0)
@@ -128,7 +129,7 @@ def generate(
     from triform.inference.generate import generate as run_generation
     from triform.inference.sampling import SamplingParams
     from triform.interop import load_pretrained
-    from triform.training.trainer import resolve_device
+    from triform.device import resolve_device
 
     if (prompt is None) == (prompts is None):
         raise TriformError("give exactly one of a prompt or --prompts FILE.")
@@ -248,12 +249,16 @@ def evaluate(
     """
     import torch
 
-    from triform.data.batching import eval_windows, tokenize_documents
+    from triform.checkpoint import load_checkpoint
+    from triform.data.batching import tokenize_documents
     from triform.data.corpus import load_corpus
-    from triform.training.checkpoint import load_checkpoint
-    from triform.training.trainer import evaluate as run_eval
-    from triform.training.trainer import resolve_device
+    from triform.objectives.causal_lm import CausalLM
+    from triform.device import resolve_device
+    from triform.training.args import check_positive_int
+    from triform.training.loop import evaluate_objective
 
+    check_positive_int("tokens", tokens, allow_none=True)
+    check_positive_int("batch_size", batch_size)
     lm, tokenizer, meta = load_checkpoint(checkpoint, device=resolve_device(device))
     context = int(meta.get("train", {}).get("context") or lm.cfg.stack.max_seq_len)
     if data is not None:
@@ -266,10 +271,13 @@ def evaluate(
     if ids.numel() < 2:
         raise DataError(f"{where} holds fewer than two tokens; nothing to evaluate.")
     context = min(context, ids.numel() - 1)
-    windows = eval_windows(ids, context, tokens)
     token_bytes = torch.tensor([len(b) for b in tokenizer.token_bytes()] + [0] * (lm.cfg.vocab_size - tokenizer.vocab_size))
-    m = run_eval(lm, windows, token_bytes, batch_size=batch_size)
-    print(f"data: {where} ({windows.shape[0] * context:,} tokens scored, context {context})")
+    scorer = CausalLM(ids, ids, context=context, batch_size=batch_size, token_bytes=token_bytes, eval_tokens=tokens,
+                      eval_batch_size=batch_size)
+    batches = list(scorer.eval_batches(final=False))
+    m = evaluate_objective(lm, scorer, batches)
+    scored = sum(b.counts["loss"] for b in batches)
+    print(f"data: {where} ({scored:,} tokens scored, context {context})")
     print(f"loss {m['loss']:.4f} nats/token   {m['bpb']:.4f} bits/byte   perplexity {m['ppl']:.3f}")
 
 
@@ -335,42 +343,98 @@ def _inference_weights(model, weights: str):
     return quantize_weights(model, weights)  # type: ignore[arg-type]
 
 
-def convert(src: str, dst: str, to: str = "auto", trust_pickle: bool = False, max_shard_size: str = "2GB") -> None:
-    """Convert a checkpoint: HF folder or GGUF file to a triform checkpoint, or triform to an HF folder
-    (decoders: GPT-2, Llama, Mistral layouts; encoder-decoders: T5 / ByT5 layouts).
+def convert(
+    src: str, dst: str, to: str = "auto", trust_pickle: bool = False, max_shard_size: str = "2GB",
+    overwrite: bool = False,
+) -> None:
+    """Convert a checkpoint: an HF folder or GGUF file to a triform checkpoint, or a triform checkpoint
+    to an HF folder that transformers loads (decoders: GPT-2, Llama, Mistral layouts; encoders: BERT,
+    RoBERTa, ALBERT, DistilBERT; encoder-decoders: T5 / ByT5), with a tokenizer AutoTokenizer reads.
 
     Args:
         src: A Hugging Face model folder, a .gguf file, or a triform checkpoint/run folder.
-        dst: The folder to write.
+        dst: The folder to write: a new or empty folder, or one an earlier convert wrote (it is replaced).
         to: "triform", "hf", or "auto" (HF/GGUF become triform; triform becomes HF).
         trust_pickle: Allow PyTorch pickle weights (.bin/.pt) in src; unpickling can run arbitrary code.
-        max_shard_size: Largest safetensors shard when writing an HF folder, e.g. 500MB or 2GB.
+        max_shard_size: Largest safetensors shard when writing an HF decoder folder, e.g. 500MB or 2GB.
+        overwrite: Replace dst even though it holds files that convert did not write.
     """
-    from triform.interop import detect_format, load_pretrained
-    from triform.interop.hf import save_hf
-    from triform.training.checkpoint import save_checkpoint
+    from triform.interop import detect_format
+    from triform.output_dir import check_output_dir, claim_output_dir, write_output_dir
 
-    kind = detect_format(Path(src))
+    src_path, dst_path = Path(src), Path(dst)
+    kind = detect_format(src_path)
     target = {"auto": "hf" if kind == "triform" else "triform"}.get(to, to)
     if target not in ("triform", "hf"):
         raise TriformError(f"--to must be triform, hf or auto, got {to!r}.")
+    shard_bytes = _parse_size(max_shard_size)
+    _check_apart(src_path, dst_path)
+    check_output_dir(dst_path, command="convert", overwrite=overwrite)  # refuse before the slow load
+    model, tokenizer, model_kind, meta = _load_any(src_path, kind, trust_pickle)
+    out = claim_output_dir(dst_path, command="convert", overwrite=overwrite)
+    if target == "hf":
+        def write(folder: Path) -> None:
+            _write_hf(model, tokenizer, model_kind, meta, folder, shard_bytes)
+    else:
+        from triform.checkpoint import save_checkpoint
+
+        extra = {"converted_from": str(src), **({"labels": meta["labels"]} if "labels" in meta else {})}
+
+        def write(folder: Path) -> None:
+            save_checkpoint(folder, model, tokenizer, extra=extra)
+    write_output_dir(out, write, command="convert")  # built beside dst, then swapped in: no stale files remain
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {target} checkpoint {dst} ({n / 1e6:.1f}M parameters, {model.cfg.family})")
+
+
+def _check_apart(src: Path, dst: Path) -> None:
+    """Refuse an output folder that is the source or lies inside or around it: replacing it would lose the source."""
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise TriformError(f"the output folder {dst} overlaps the source {src}; choose a folder outside it.")
+
+
+def _load_any(src: Path, kind: str, trust_pickle: bool):
+    """(model, tokenizer, model kind, metadata) from any checkpoint convert reads; triform checkpoints
+    of every registered kind, HF decoder and T5 folders, GGUF files."""
+    if kind == "triform":
+        from triform.checkpoint import checkpoint_kind, load_checkpoint
+
+        model_kind = checkpoint_kind(src)
+        model, tokenizer, meta = load_checkpoint(src, kind=None)
+        return model, tokenizer, model_kind, meta
+    from triform.interop import load_pretrained
     from triform.models.encoder_decoder import Seq2Seq
 
-    model, tokenizer, _ = load_pretrained(src, trust_pickle=trust_pickle, allow_seq2seq=True)
-    seq2seq = isinstance(model, Seq2Seq)
-    if target == "hf":
-        save_tokenizer = tokenizer.save if tokenizer.kind in ("hf", "bpe") else None
-        if seq2seq:
-            from triform.interop.hf_t5 import save_hf_t5
+    model, tokenizer, meta = load_pretrained(src, trust_pickle=trust_pickle, allow_seq2seq=True)
+    return model, tokenizer, "seq2seq" if isinstance(model, Seq2Seq) else "decoder", meta
 
-            save_hf_t5(model, dst)
-            tokenizer.save(Path(dst))  # a byte tokenizer too: triform reads the folder back with it
-        else:
-            save_hf(model, dst, max_shard_bytes=_parse_size(max_shard_size), save_tokenizer=save_tokenizer)
+
+def _write_hf(model, tokenizer, model_kind: str, meta: dict[str, Any], folder: Path, shard_bytes: int) -> None:
+    """An HF folder for a decoder, encoder or encoder-decoder, tokenizer included."""
+    import json
+
+    from triform.interop.hf_tokenizer import save_hf_tokenizer
+
+    if model_kind == "decoder":
+        from triform.interop.hf import save_hf
+
+        save_hf(model, folder, max_shard_bytes=shard_bytes, save_tokenizer=lambda f: save_hf_tokenizer(tokenizer, f))
+        config = json.loads((folder / "config.json").read_text())  # the tokenizer's ids, so HF's generate stops at eos
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
+    elif model_kind == "encoder":
+        from triform.interop.hf_encoders import encoder_head, save_hf_encoder
+
+        save_hf_encoder(model, model.cfg, folder, encoder_head(model), labels=meta.get("labels"))
+        save_hf_tokenizer(tokenizer, folder, model_kind="encoder", token_types=model.cfg.type_vocab_size > 0)
+    elif model_kind == "seq2seq":
+        from triform.interop.hf_t5 import save_hf_t5
+
+        save_hf_t5(model, folder)
+        save_hf_tokenizer(tokenizer, folder, model_kind="seq2seq")  # triform reads its own kind back from it too
     else:
-        extra = {"converted_from": str(src), **({"kind": "seq2seq"} if seq2seq else {})}
-        save_checkpoint(Path(dst), model, tokenizer, extra=extra)
-    print(f"wrote {target} checkpoint {dst} ({model.num_parameters() / 1e6:.1f}M parameters, {model.cfg.family})")
+        raise TriformError(f"a {model_kind!r} checkpoint has no Hugging Face export.")
 
 
 def _parse_size(text: str) -> int:
@@ -410,7 +474,7 @@ def chat(
     from triform.inference.chat import ChatSession, Seq2SeqChatSession
     from triform.inference.sampling import SamplingParams
     from triform.interop import load_pretrained
-    from triform.training.trainer import resolve_device
+    from triform.device import resolve_device
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
     from triform.models.encoder_decoder import Seq2Seq
@@ -424,16 +488,19 @@ def chat(
             raise TriformError("--mode applies to encoder-decoder chat.")
         session = ChatSession(_inference_weights(model, weights), tokenizer, params, system=system)
     interactive = sys.stdin.isatty()
+    raw_stdin = getattr(sys.stdin, "buffer", None)  # bytes, so input that is not UTF-8 cannot fail to decode
     while True:
         if interactive:
             sys.stdout.write("you> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        data = raw_stdin.readline() if raw_stdin is not None else sys.stdin.readline()
+        # as in `generate`, invalid UTF-8 travels as surrogate escapes and reaches the tokenizer as the bytes typed
+        line = data.decode("utf-8", errors="surrogateescape") if isinstance(data, bytes) else data
         if not line or not line.strip():
             break
         if interactive:
             sys.stdout.write("model> ")
-        session.reply(line.rstrip("\n"), on_text=_write)
+        session.reply(line.rstrip("\r\n"), on_text=_write)
         print()
         if stats and session.last is not None:
             s = session.last
@@ -443,7 +510,7 @@ def chat(
 
 def _sentence_encoder(checkpoint: str, device: str):
     from triform.inference.embed import SentenceEncoder
-    from triform.training.trainer import resolve_device
+    from triform.device import resolve_device
 
     if not Path(checkpoint).is_dir():
         raise DataError(f"{checkpoint} is not a model folder (config.json + model.safetensors + tokenizer.json).")
@@ -600,7 +667,7 @@ def pretrain(
             mixture_weights=tuple(mixture_weights) if mixture_weights is not None else None, seed=seed, device=device,
         )
         d = pretrain_denoiser(dcfg, preset=preset or "byt5-tiny", out_dir=out)
-        print(f"pretrained a {d.parameters / 1e6:.2f}M-parameter {d.family} with {objective}: {d.steps} steps in {d.seconds:.0f} s, "
+        print(f"pretrained a {d.parameters / 1e6:.2f}M-parameter {d.family} with {objective}: {d.steps} steps in {d.seconds:.0f} s ({d.precision}), "
               f"train loss {d.train_loss:.4f}, held-out loss {d.val_loss:.4f} nats/target token ({d.val_bits_per_byte:.4f} bits/target byte)")
         print(f"checkpoint: {d.checkpoint}")
         return
@@ -613,8 +680,9 @@ def pretrain(
         static_masks=static_masks, teacher=teacher, temperature=temperature, seed=seed, device=device,
     )
     r = run(cfg, preset=preset or "bert-base-tiny", out_dir=out)
-    pair = "" if r.val_pair_accuracy is None else f", held-out pair accuracy {r.val_pair_accuracy:.3f}"
-    print(f"pretrained {r.steps} steps in {r.seconds:.0f} s: train loss {r.train_loss:.4f}, held-out masked-LM loss {r.val_mlm_loss:.4f}{pair}")
+    pair = "" if "pair_accuracy" not in r.final else f", held-out pair accuracy {r.final['pair_accuracy']:.3f}"
+    print(f"pretrained {r.steps} steps in {r.seconds:.0f} s ({r.precision}): train loss {r.train_loss:.4f}, "
+          f"held-out masked-LM loss {r.final['mlm']:.4f}{pair}")
     print(f"checkpoint: {r.checkpoint}")
 
 
@@ -633,10 +701,10 @@ def fill(checkpoint: str, text: str, top_k: int = 5, generate: int = 0, steps: i
     """
     import torch
 
-    from triform.training.encoder_trainer import load_encoder_checkpoint
-    from triform.training.trainer import resolve_device
+    from triform.checkpoint import load_checkpoint
+    from triform.device import resolve_device
 
-    model, tok, meta = load_encoder_checkpoint(checkpoint, device=resolve_device(device))
+    model, tok, meta = load_checkpoint(checkpoint, device=resolve_device(device), kind="encoder")
     if meta.get("head") != "pretraining":
         raise TriformError(f"{checkpoint} is a fine-tuned encoder; fill needs one with its masked-LM head.")
     if top_k < 1 or generate < 0 or (steps is not None and steps < 1):
@@ -716,7 +784,7 @@ def finetune(
     if task != "classify":
         _finetune_span_task(task, train, test, FinetuneConfig(
             base=base, max_length=max_length, truncate=truncate, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-            lr=lr, seed=seed, device=device,
+            time_budget=time_budget, lr=lr, seed=seed, device=device,
         ), out)
         return
     train_rows = read_labelled(train)
@@ -739,7 +807,6 @@ def finetune(
 
 
 def _finetune_span_task(task: str, train: str, test: str | None, cfg, out: str | None) -> None:
-    from triform.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
     from triform.training.finetune_tasks import SpanQA, Tagger, read_conll, read_squad
 
     if task == "tag":
@@ -750,22 +817,19 @@ def _finetune_span_task(task: str, train: str, test: str | None, cfg, out: str |
             unknown = sorted({t for _, g in held_out for t in g} - set(tagger.tags))
             if unknown:
                 raise DataError(f"{test} has tag {unknown[0]!r}, which does not occur in {train}.")
-        tagger.fit(sentences)
+        tagger.fit(sentences, out_dir=out)
         print(f"fine-tuned on {len(sentences)} sentences, tags: {', '.join(tagger.tags)}")
         print(f"train token accuracy {tagger.accuracy(sentences):.4f}")
         if held_out is not None:
             print(f"test token accuracy {tagger.accuracy(held_out):.4f} on {len(held_out)} sentences")
-        model, tok, meta = tagger.model, tagger.tok, {"head": "token", "num_labels": len(tagger.tags), "labels": tagger.tags}
     else:
         examples = read_squad(train)
         held = read_squad(test) if test is not None else None
-        qa = SpanQA(cfg).fit(examples)
+        qa = SpanQA(cfg).fit(examples, out_dir=out)
         m = qa.evaluate(examples)
         print(f"fine-tuned on {len(examples)} questions: train exact match {m['exact_match']:.4f}, F1 {m['f1']:.4f}")
         if held is not None:
             m = qa.evaluate(held)
             print(f"test exact match {m['exact_match']:.4f}, F1 {m['f1']:.4f} on {len(held)} questions")
-        model, tok, meta = qa.model, qa.tok, {"head": "qa"}
     if out is not None:
-        save_checkpoint(Path(out) / CHECKPOINT_DIR, model, tok, extra={"kind": "encoder", **meta})
-        print(f"checkpoint: {Path(out) / CHECKPOINT_DIR}")
+        print(f"checkpoint: {Path(out) / 'checkpoint'}")

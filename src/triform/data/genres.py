@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from triform.data.shakespeare import PLAY_GENRES, VAL_PLAYS, fetch_shakespeare
-from triform.inference.search import split_passages
+from triform.data.passages import split_passages
 
 GENRES = ("comedy", "history", "tragedy")
 

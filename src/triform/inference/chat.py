@@ -13,13 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from triform.errors import GenerationError
-from triform.inference.cache import ContiguousKVCache
-from triform.inference.generate import _RowText
+from triform.inference.decode import DecodeStream, make_generator
 from triform.inference.sampling import SamplingParams, sample_next
+from triform.layers.cache import ContiguousKVCache
 from triform.models.decoder import DecoderLM
 from triform.tokenizers.base import Tokenizer
 
 PLAIN_STOP = "\nuser:"
+
+
+def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    # surrogateescape: bytes that were not UTF-8 on stdin reach a byte-level tokenizer unchanged
+    return tokenizer.encode(text.encode("utf-8", errors="surrogateescape"))
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> tuple[str, tuple[str, ...]]:
@@ -45,7 +50,9 @@ class TurnStats:
 
 
 class ChatSession:
-    """A conversation with ``model``; ``reply(text)`` returns the assistant's answer."""
+    """A conversation with ``model``; ``reply(text)`` returns the assistant's answer. Its tensors and
+    its random generator (one for the whole conversation, seeded by ``params.seed`` as completion 0)
+    live on the model's device."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, params: SamplingParams, *, system: str | None = None) -> None:
         self.model, self.tokenizer, self.params = model.eval(), tokenizer, params
@@ -55,7 +62,8 @@ class ChatSession:
         if not isinstance(self.cache, ContiguousKVCache):
             raise GenerationError("chat needs a model whose cache can hold the whole conversation (no sliding window).")
         self.ids: list[int] = []  # the tokens whose keys/values the cache holds, in order
-        self.generator = None if params.seed is None else torch.Generator().manual_seed(params.seed)
+        self.device = model.tok_emb.weight.device
+        self.generator = make_generator(params.seed, 0, self.device)
         self.last: TurnStats | None = None
 
     @torch.inference_mode()
@@ -63,7 +71,7 @@ class ChatSession:
         """Add a user message, generate the answer (streamed to ``on_text``) and remember both."""
         self.messages.append({"role": "user", "content": text})
         prompt, stops = render_chat(self.tokenizer, self.messages)
-        ids = self.tokenizer.encode(prompt)
+        ids = _encode(self.tokenizer, prompt)
         if len(ids) >= self.context:
             self.messages.pop()
             raise GenerationError(f"the conversation is {len(ids)} tokens, beyond the context window of {self.context}.")
@@ -72,29 +80,25 @@ class ChatSession:
             keep += 1
         self.cache.truncate(keep)
         self.ids = ids[:keep]
-        logits = self.model(torch.tensor([ids[keep:]]), cache=self.cache, last_only=True)[:, -1]
+        fresh = torch.tensor([ids[keep:]], device=self.device)  # (1, T): only what the cache lacks
+        logits = self.model(fresh, cache=self.cache, last_only=True)[:, -1]  # (1, V)
         self.ids += ids[keep:]
-        row = _RowText(self.params.stop + stops, self.tokenizer.token_bytes())
-        out: list[int] = []
-        room = self.context - len(self.ids)
-        for _ in range(min(self.params.max_new_tokens, room)):
+        stream = DecodeStream(
+            self.params, self.tokenizer.token_bytes(), self.tokenizer.eos_id, extra_stop=stops,
+            room=self.context - len(self.ids),
+        )
+        while True:
             token = int(sample_next(logits[:, : self.tokenizer.vocab_size], self.params, [self.generator])[0])
-            if token == self.tokenizer.eos_id and not self.params.ignore_eos:
-                break
-            out.append(token)
-            piece, hit = row.push(token)
+            piece, reason = stream.accept(token)
             if piece and on_text:
                 on_text(piece)
-            if hit or len(self.ids) + 1 >= self.context:
+            if reason is not None:
                 break
-            logits = self.model(torch.tensor([[token]]), cache=self.cache)[:, -1]
+            logits = self.model(torch.tensor([[token]], device=self.device), cache=self.cache)[:, -1]
             self.ids.append(token)
-        tail = row.flush()
-        if tail and on_text:
-            on_text(tail)
-        answer = row.data.decode("utf-8", errors="replace")
+        answer = stream.text
         self.messages.append({"role": "assistant", "content": answer})  # verbatim, so it re-encodes to the cached tokens
-        self.last = TurnStats(len(ids), keep, len(ids) - keep, len(out))
+        self.last = TurnStats(len(ids), keep, len(ids) - keep, len(stream.token_ids))
         return answer
 
 
@@ -113,28 +117,21 @@ class Seq2SeqChatSession:
 
     @torch.inference_mode()
     def reply(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
-        from triform.inference.seq2seq import seq2seq_generate
+        """Add a user message, generate the answer (streamed to ``on_text``) and remember both."""
+        from triform.inference.seq2seq import seq2seq_complete
 
         self.messages.append({"role": "user", "content": text})
         prompt, stops = render_chat(self.tokenizer, self.messages)
-        ids = ([self.mode_id] if self.mode_id is not None else []) + self.tokenizer.encode(prompt) + [self.model.cfg.eos_id]
+        mode = [self.mode_id] if self.mode_id is not None else []
+        ids = mode + _encode(self.tokenizer, prompt) + [self.model.cfg.eos_id]
         if len(ids) > self.limit:
             self.messages.pop()
             raise GenerationError(f"the conversation is {len(ids)} tokens, beyond the encoder's limit of {self.limit}.")
-        row = _RowText(self.params.stop + stops, self.tokenizer.token_bytes())
-
-        def push(_: int, token: int) -> bool:
-            piece, hit = row.push(token) if token < len(row.token_bytes) else ("", False)
-            if piece and on_text:
-                on_text(piece)
-            return hit
-
-        dev = self.model.shared.weight.device
-        out = seq2seq_generate(self.model, torch.tensor([ids], device=dev), params=self.params, on_token=push)[0]
-        tail = row.flush()
-        if tail and on_text:
-            on_text(tail)
-        answer = row.data.decode("utf-8", errors="replace")
-        self.messages.append({"role": "assistant", "content": answer})
-        self.last = TurnStats(len(ids), 0, len(ids), len(out))
-        return answer
+        source = torch.tensor([ids], device=self.model.shared.weight.device)  # (1, S)
+        show = None if on_text is None else (lambda _, piece: on_text(piece))
+        out = seq2seq_complete(
+            self.model, self.tokenizer, source, params=self.params, extra_stop=stops, on_text=show,
+        )[0]
+        self.messages.append({"role": "assistant", "content": out.text})
+        self.last = TurnStats(len(ids), 0, len(ids), len(out.token_ids))
+        return out.text

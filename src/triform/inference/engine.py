@@ -25,7 +25,7 @@ from torch import Tensor
 
 from triform.errors import ConfigError, GenerationError
 from triform.inference.blocks import NULL_BLOCK
-from triform.inference.generate import Completion, _RowText
+from triform.inference.decode import Completion, DecodeStream, make_generator
 from triform.inference.paged import MIN_ROWS, PagedBatch, PagedKVStore, RowSpec
 from triform.inference.sampling import SamplingParams, sample_next
 from triform.inference.scheduler import Scheduler, SchedulerConfig, Sequence, Status
@@ -97,7 +97,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     seqs: dict[int, Sequence] = field(default_factory=dict)
-    texts: dict[int, _RowText] = field(default_factory=dict)
+    streams: dict[int, DecodeStream] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -188,16 +188,13 @@ class Engine:
         return rid
 
     def _start(self, rid: str, req: _Request, index: int, tokens: list[int], arrival: float) -> Sequence:
-        seed = req.params.seed
-        gen = None
-        if seed is not None:  # completion 0 uses the seed itself, so n=1 matches generate()
-            gen = torch.Generator(device=self.device).manual_seed(seed if index == 0 else hash((seed, index)) & (2**63 - 1))
         seq = Sequence(
             seq_id=f"{rid}/{index}", request_id=rid, index=index, tokens=tokens, prompt_len=len(req.prompt_ids),
-            params=req.params, arrival=arrival, generator=gen,
+            params=req.params, arrival=arrival, generator=make_generator(req.params.seed, index, self.device),
         )
         req.seqs[index] = seq
-        req.texts[index] = _RowText(req.params.stop, self.token_bytes)
+        room = None if self.max_len is None else self.max_len - len(req.prompt_ids)
+        req.streams[index] = DecodeStream(req.params, self.token_bytes, self.tokenizer.eos_id, room=room)
         return seq
 
     def abort(self, request_id: str) -> None:
@@ -220,10 +217,7 @@ class Engine:
             raise GenerationError(f"request {request_id!r} has not finished.")
         del self.requests[request_id]
         completions = [
-            Completion(
-                text=req.texts[i].data.decode("utf-8", errors="replace"),
-                token_ids=req.seqs[i].output_ids, finish_reason=req.seqs[i].finish_reason or "length",
-            )
+            Completion(req.streams[i].text, req.seqs[i].output_ids, req.seqs[i].finish_reason or "length")
             for i in sorted(req.seqs)
         ]
         return RequestResult(request_id, req.prompt_ids, completions)
@@ -281,23 +275,12 @@ class Engine:
         return int(sample_next(logits[None], seq.params, [seq.generator])[0])
 
     def _accept(self, seq: Sequence, req: _Request, token: int) -> RequestOutput:
-        """Append a sampled token and apply the stop rules."""
-        text = req.texts[seq.index]
-        reason = None
-        if token == self.tokenizer.eos_id and not seq.params.ignore_eos:
-            piece, new, reason = text.flush(), [], "eos"
-        else:
-            seq.tokens.append(token)
-            self.stats.generated_tokens += 1
-            piece, hit = text.push(token)
-            new = [token]
-            if hit:
-                reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_new_tokens or (
-                self.max_len is not None and len(seq.tokens) >= self.max_len
-            ):
-                reason = "length"
-                piece += text.flush()
+        """Hand a sampled token to the completion's decode stream; keep it unless it ended the
+        completion as end-of-sequence, and finish the sequence when the stream says so."""
+        piece, reason = req.streams[seq.index].accept(token)
+        new = [] if reason == "eos" else [token]
+        seq.tokens += new
+        self.stats.generated_tokens += len(new)
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return RequestOutput(seq.request_id, seq.index, piece, new, reason is not None, reason)

@@ -13,9 +13,14 @@ from triform.errors import GenerationError
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to pick tokens. ``temperature=0`` is greedy; ``top_k``/``top_p`` restrict the candidates
-    (nucleus sampling, arXiv 1904.09751); ``seed`` makes sampling reproducible per request; ``n``
-    completions of one prompt share its KV blocks (engine only); ``ignore_eos`` keeps generating
-    to ``max_new_tokens`` (benchmarks)."""
+    (nucleus sampling, arXiv 1904.09751; see ``filter_logits``); ``n`` completions of one prompt
+    share its KV blocks (engine only); ``ignore_eos`` keeps generating to ``max_new_tokens``
+    (benchmarks). ``seed`` makes sampling reproducible per request, whatever else is in the batch:
+    completion ``j`` samples from a generator on the model's device seeded with
+    ``(seed + j * 0x9E3779B97F4A7C15) % 2**64``, so completion 0 uses ``seed`` itself and
+    ``generate()``, the engine and chat give the same tokens for the same prompt and seed; with
+    ``seed=None`` sampling uses torch's default generator and is not reproducible per request
+    (``triform.inference.decode.make_generator``)."""
 
     n: int = 1
     temperature: float = 1.0
@@ -46,19 +51,30 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+MASS_TOLERANCE = 1e-6  # a candidate set whose mass is within this of top_p counts as reaching it
+
+
 def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
-    """Temperature-scaled logits (B, V) with everything outside top-k / top-p set to -inf."""
+    """Temperature-scaled logits (B, V) with everything outside top-k / top-p set to -inf.
+
+    Tokens are ranked by logit, ties by lower id first. Top-k keeps the first ``top_k`` of that
+    ranking; top-p then keeps the shortest prefix of what is left whose probability, renormalised
+    over the top-k tokens, reaches ``top_p`` (a prefix within ``MASS_TOLERANCE`` of it counts, so
+    float rounding cannot add a token when the mass equals ``top_p`` exactly). Masses are summed in
+    float64."""
     logits = logits.float() / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_k = params.top_k if params.top_k is not None and params.top_k < logits.shape[-1] else None
+    if top_k is None and params.top_p >= 1.0:
+        return logits
+    ranked, order = torch.sort(logits, dim=-1, descending=True, stable=True)  # (B, V), ties: lower id first
+    drop = torch.zeros_like(ranked, dtype=torch.bool)
+    if top_k is not None:
+        drop[..., top_k:] = True
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens: keep the smallest set reaching p
-        sorted_logits = sorted_logits.masked_fill(before >= params.top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
+        probs = torch.softmax(ranked.masked_fill(drop, float("-inf")).double(), dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the better-ranked tokens
+        drop[..., 1:] |= before[..., 1:] >= params.top_p - MASS_TOLERANCE  # the best token always stays
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, ranked.masked_fill(drop, float("-inf")))
 
 
 def sample_next(logits: Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> Tensor:

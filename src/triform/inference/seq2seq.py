@@ -1,5 +1,7 @@
 """Generation with an encoder-decoder: the encoder runs once per request, cross-attention keys/values
-are computed once and kept, and the decoder steps one token at a time against its KV cache."""
+are computed once and kept, and the decoder steps one token at a time against its KV cache. Sampled
+tokens go through ``DecodeStream`` (``decode.py``), so EOS, stop strings and length end a row by the
+same rules as every other generator."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import torch
 from torch import Tensor
 
 from triform.errors import GenerationError
+from triform.inference.decode import Completion, DecodeStream, accept_rows, make_generator
 from triform.inference.sampling import SamplingParams, sample_next
 from triform.models.encoder_decoder import Seq2Seq
+from triform.tokenizers.base import Tokenizer
 
 
 def _check_source(source: Tensor, source_mask: Tensor | None) -> None:
@@ -30,41 +34,54 @@ def check_lengths(model: Seq2Seq, source_len: int, max_new_tokens: int) -> None:
 @torch.inference_mode()
 def seq2seq_generate(
     model: Seq2Seq, source: Tensor, source_mask: Tensor | None = None, *, params: SamplingParams | None = None,
-    on_token: Callable[[int, int], bool | None] | None = None,
 ) -> list[list[int]]:
     """Target token ids per source row (B, S), up to and without the end-of-sequence token;
-    greedy when ``params.temperature == 0``. ``on_token(row, id)`` sees each token as it is chosen and
-    may return True to end that row."""
+    greedy when ``params.temperature == 0`` (the default). Without a tokenizer there is no text, so
+    stop strings do not apply; :func:`seq2seq_complete` has them."""
     params = params or SamplingParams(temperature=0.0)
+    streams = [DecodeStream(params, (), model.cfg.eos_id) for _ in range(source.shape[0])]
+    _decode(model, source, source_mask, params, streams, None)
+    return [s.token_ids for s in streams]
+
+
+@torch.inference_mode()
+def seq2seq_complete(
+    model: Seq2Seq, tokenizer: Tokenizer, source: Tensor, source_mask: Tensor | None = None, *,
+    params: SamplingParams, extra_stop: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
+) -> list[Completion]:
+    """Text, ids and finish reason per source row (B, S), decoded with ``tokenizer``'s bytes; stop
+    strings are ``params.stop`` plus ``extra_stop``, and ``on_text(row, piece)`` receives text as soon
+    as it is safe to show."""
+    token_bytes = tokenizer.token_bytes()
+    streams = [
+        DecodeStream(params, token_bytes, model.cfg.eos_id, extra_stop=extra_stop) for _ in range(source.shape[0])
+    ]
+    _decode(model, source, source_mask, params, streams, on_text)
+    return [Completion(s.text, s.token_ids, s.finish_reason or "length") for s in streams]
+
+
+def _decode(
+    model: Seq2Seq, source: Tensor, source_mask: Tensor | None, params: SamplingParams,
+    streams: list[DecodeStream], on_text: Callable[[int, str], None] | None,
+) -> None:
+    """Encode once, then step the decoder until every row's stream has finished."""
     _check_source(source, source_mask)
     check_lengths(model, source.shape[1], params.max_new_tokens)
     model.eval()
     cfg = model.cfg
     b, dev = source.shape[0], source.device
-    memory = model.encode(source, source_mask)
+    memory = model.encode(source, source_mask)  # (B, S, d)
     cache = model.new_cache(b, params.max_new_tokens + 1)
     cross: dict = {}
-    gens = [None if params.seed is None else torch.Generator(device=dev).manual_seed(params.seed) for _ in range(b)]
+    gens = [make_generator(params.seed, 0, dev) for _ in range(b)]  # every row is completion 0 of its request
     token = torch.full((b, 1), cfg.decoder_start_id, dtype=torch.long, device=dev)
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
     for _ in range(params.max_new_tokens):
         logits = model.decode(token, memory, source_mask, cache=cache, memory_cache=cross)[:, -1]  # (B, V)
-        nxt = sample_next(logits, params, gens)
-        for i in range(b):
-            if done[i]:
-                continue
-            t = int(nxt[i])
-            if t == cfg.eos_id and not params.ignore_eos:
-                done[i] = True
-            else:
-                out[i].append(t)
-                if on_token is not None and on_token(i, t):
-                    done[i] = True  # the caller stops this row (a stop string)
-        if all(done):
+        nxt = sample_next(logits, params, gens)  # (B,)
+        running = accept_rows(streams, nxt, on_text)
+        if not any(running):
             break
-        token = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, cfg.pad_id), nxt)[:, None]
-    return out
+        token = torch.where(torch.tensor(running, device=dev), nxt, cfg.pad_id)[:, None]  # (B, 1)
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -151,3 +168,36 @@ def seq2seq_beam_search(
         row = row[1:]
         out.append(row[: row.index(cfg.eos_id)] if cfg.eos_id in row else [t for t in row])
     return out
+
+
+def mode_token_id(tokenizer: Tokenizer, mode: str | None) -> int | None:
+    """The id of UL2 mode token ``mode`` (R, X, S or the token itself), or None without a mode."""
+    if mode is None:
+        return None
+    from triform.objectives.ul2 import MODE_TOKENS
+
+    name = MODE_TOKENS.get(mode.upper(), mode)
+    if name not in MODE_TOKENS.values():
+        raise GenerationError(f"unknown UL2 mode {mode!r}; choose R ([NLU]), X ([NLG]) or S ([S2S]).")
+    if name not in getattr(tokenizer, "specials", ()):
+        raise GenerationError(f"this model's vocabulary has no {name} token (it was not trained with --objective ul2).")
+    return tokenizer.special_id(name)
+
+
+def source_ids(tokenizer: Tokenizer, text: bytes, mode_id: int | None, eos_id: int, *, index: int = 0) -> list[int]:
+    """A prompt as the model read its inputs in training (T5's convention): the UL2 mode token if any,
+    the text (sentinels such as ``<extra_id_0>`` written in it become those tokens for byte-level
+    tokenizers), then </s>. An encoder-decoder's source, or a prefix-LM decoder's prefix."""
+    from triform.tokenizers.byte import ByteTokenizer, encode_with_specials
+
+    ids = encode_with_specials(tokenizer, text) if isinstance(tokenizer, ByteTokenizer) else tokenizer.encode(text)
+    if not ids:
+        raise GenerationError(f"prompt {index + 1} is empty; give at least one character.")
+    return ([mode_id] if mode_id is not None else []) + ids + [eos_id]
+
+
+def render_target(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """Generated target ids as text, with sentinels and mode tokens written by name."""
+    from triform.tokenizers.byte import ByteTokenizer, render_with_specials
+
+    return render_with_specials(tokenizer, ids) if isinstance(tokenizer, ByteTokenizer) else tokenizer.decode(ids)

@@ -52,19 +52,14 @@ def load_pretrained(
     path = Path(path)
     kind = detect_format(path)
     if kind == "triform":
-        from triform.training.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+        from triform.checkpoint import checkpoint_kind, load_checkpoint
 
-        folder = resolve_checkpoint(path)
-        model_kind = read_meta(folder).get("kind", "decoder")
+        model_kind = checkpoint_kind(path)
         if model_kind == "encoder":
             raise CheckpointError(f"{path} holds an encoder (masked-LM or classifier); use triform fill, embed or finetune with it.")
-        if model_kind == "seq2seq":
-            if not allow_seq2seq:
-                raise CheckpointError(f"{path} holds an encoder-decoder model; this command needs a decoder (triform generate and chat run both).")
-            from triform.training.denoise import load_seq2seq_checkpoint
-
-            return load_seq2seq_checkpoint(folder, device=device)
-        return load_checkpoint(folder, device=device)
+        if model_kind == "seq2seq" and not allow_seq2seq:
+            raise CheckpointError(f"{path} holds an encoder-decoder model; this command needs a decoder (triform generate and chat run both).")
+        return load_checkpoint(path, device=device, kind=("decoder", "seq2seq") if allow_seq2seq else "decoder")
     if kind == "gguf":
         from triform.interop.gguf import read_gguf
         from triform.interop.hf import config_from_hf, model_from_hf
@@ -93,4 +88,23 @@ def load_pretrained(
     return model.to(device), tokenizer, {"source": str(path), "format": "hf"}
 
 
-__all__ = ["load_pretrained", "detect_format"]
+def load_encoder(path: Path | str, *, trust_pickle: bool = False) -> tuple[Any, Tokenizer]:
+    """The bare encoder stack (no task head) and tokenizer of a triform encoder checkpoint or a
+    Hugging Face BERT-family folder (config.json + weights + tokenizer.json, WordPiece), as a base
+    to fine-tune."""
+    path = Path(path)
+    if detect_format(path) == "hf":
+        from triform.interop.hf_encoders import load_hf_encoder
+        from triform.tokenizers.wordpiece import WordPieceTokenizer
+
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path} has no tokenizer.json, so its text cannot be encoded.")
+        encoder, _ = load_hf_encoder(path, "none", trust_pickle=trust_pickle)
+        return encoder, WordPieceTokenizer(path)
+    from triform.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(path, kind="encoder")
+    return model.encoder, tokenizer
+
+
+__all__ = ["load_pretrained", "load_encoder", "detect_format"]

@@ -231,13 +231,43 @@ def load_hf_encoder(folder: Path | str, head: Head = "none", *, trust_pickle: bo
     return encoder_from_hf(cfg, tensors, head, source=str(folder)), cfg
 
 
-def save_hf_encoder(model: nn.Module, cfg: EncoderConfig, folder: Path | str, head: Head = "none") -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with ``from_pretrained``."""
+_HF_CLASS = {"bert": "Bert", "roberta": "Roberta", "albert": "Albert", "distilbert": "DistilBert"}
+_HF_HEAD = {
+    "none": "Model", "pretraining": "ForPreTraining", "mlm": "ForMaskedLM", "sequence": "ForSequenceClassification",
+    "token": "ForTokenClassification", "qa": "ForQuestionAnswering",
+}
+
+
+def encoder_head(model: nn.Module) -> Head:
+    """The export head of a triform encoder model: "pretraining" (masked-LM + sentence-pair head),
+    "mlm", "sequence", "token", "qa", or "none" for a bare ``Encoder``."""
+    if isinstance(model, EncoderForPreTraining):
+        return "pretraining" if model.pair is not None else "mlm"
+    if isinstance(model, EncoderForSequenceClassification):
+        return "sequence"
+    if isinstance(model, EncoderForTokenClassification):
+        return "token"
+    if isinstance(model, EncoderForQuestionAnswering):
+        return "qa"
+    if isinstance(model, Encoder):
+        return "none"
+    raise ConfigError(f"{type(model).__name__} is not an encoder model triform can export.")
+
+
+def save_hf_encoder(
+    model: nn.Module, cfg: EncoderConfig, folder: Path | str, head: Head = "none", *, labels: list[str] | None = None,
+) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads with ``from_pretrained``
+    into the class for ``head`` (``BertForMaskedLM``, ``AlbertForPreTraining``, ...), which the config's
+    ``architectures`` names; a classification head records its label count, and ``labels`` its names."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hf_cfg = encoder_config_to_hf(cfg)
-    if head == "mlm" and cfg.family == "bert":
-        hf_cfg["architectures"] = ["BertForMaskedLM"]
+    hf_cfg["architectures"] = [_HF_CLASS[cfg.family] + _HF_HEAD[head]]
+    if head in ("sequence", "token"):
+        n = int(model.num_labels)  # type: ignore[arg-type]
+        names = list(labels) if labels is not None and len(labels) == n else [f"LABEL_{i}" for i in range(n)]
+        hf_cfg.update(num_labels=n, id2label=dict(enumerate(names)), label2id={s: i for i, s in enumerate(names)})
     (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     save_file(encoder_state_to_hf(cfg, model.state_dict(), head), str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -18,7 +18,7 @@ class AttentionInputs:
 
     ``rope`` holds (cos, sin) tables for the query positions, ``mask`` is boolean
     (B|1, 1, Tq, Tk) or None, ``bias`` additive (B|1, H, Tq, Tk) or None, ``cache`` an object
-    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.inference.cache), or for cross-attention
+    with ``update(layer, k, v) -> (k_all, v_all)`` (see triform.layers.cache), or for cross-attention
     a dict that keeps each layer's memory keys/values after their first use. ``attend``, when
     set, replaces cache update + kernel: ``attend(layer, q, k, v, kernel) -> output`` (a cache that
     runs attention itself, such as the paged engine's packed step).

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from triform.config import DecoderConfig
-from triform.inference.cache import ContiguousKVCache, KVCache, RollingKVCache
+from triform.layers.cache import ContiguousKVCache, KVCache, RollingKVCache
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
 from triform.layers.masks import decoder_mask, materialize, or_masks, positions_from_padding, prefix_visible

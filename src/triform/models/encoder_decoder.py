@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from triform.config import Seq2SeqConfig
-from triform.inference.cache import ContiguousKVCache, KVCache
+from triform.layers.cache import ContiguousKVCache, KVCache
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
 from triform.layers.masks import decoder_mask, materialize

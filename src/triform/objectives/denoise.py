@@ -18,13 +18,19 @@ trains its decoder-only models.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from triform.errors import DataError
+from triform.models.encoder_decoder import Seq2Seq
+from triform.objectives.base import Batch, BatchRng
 from triform.objectives.span_corruption import corrupt_spans
 from triform.objectives.ul2 import MODE_TOKENS, UL2_DENOISERS, UL2Mixture, prefix_lm_split
 
@@ -137,3 +143,84 @@ def prefix_lm_batch(pairs: Sequence[Pair], *, pad_id: int) -> tuple[Tensor, Tens
         first = max(len(i) - 1, 0)  # the position whose next token is the first target
         labels[r, first : len(row) - 1] = torch.tensor(row[first + 1 :])
     return tokens, labels, torch.tensor([len(i) for i, _ in pairs])
+
+
+class ByteWindows:
+    """Random windows of ``length`` bytes from documents, weighted by document length."""
+
+    def __init__(self, docs: Sequence[bytes], length: int) -> None:
+        self.docs = [d for d in docs if len(d) > length]
+        if not self.docs:
+            raise DataError(f"no document is longer than the context ({length} bytes).")
+        self.length, self.weights = length, [len(d) for d in self.docs]
+
+    def sample(self, n: int, rng: random.Random) -> list[list[int]]:
+        out = []
+        for d in rng.choices(self.docs, weights=self.weights, k=n):
+            s = rng.randrange(len(d) - self.length + 1)
+            out.append(list(d[s : s + self.length]))
+        return out
+
+
+def example_batch(task: DenoisingTask, windows: list[list[int]], rng: random.Random, pad_id: int, family: str) -> dict[str, Tensor]:
+    """Tensors of one batch: seq2seq (source, source_mask, decoder_input, labels) or decoder
+    (tokens, labels, prefix_lengths). The decoder start token is the pad token, as in T5."""
+    pairs = [task.example(w, rng) for w in windows]
+    if family == "seq2seq":
+        return vars(seq2seq_batch(pairs, pad_id=pad_id, start_id=pad_id))
+    tokens, labels, prefix = prefix_lm_batch(pairs, pad_id=pad_id)
+    return {"tokens": tokens, "labels": labels, "prefix_lengths": prefix}
+
+
+def batch_logits(model: nn.Module, batch: dict[str, Tensor] | Batch, *, causal: bool = False) -> Tensor:
+    """Logits (B, T, V) for a batch built by ``example_batch``: an encoder-decoder reads the source
+    with its encoder; a decoder reads inputs + targets with a bidirectional prefix (unless ``causal``)."""
+    if isinstance(model, Seq2Seq):
+        return model(batch["source"], batch["decoder_input"], source_mask=batch["source_mask"])
+    return model(batch["tokens"], prefix_lengths=None if causal else batch["prefix_lengths"])
+
+
+class Denoising:
+    """Span corruption, prefix-LM, UL2 or causal LM on random byte windows, for an encoder-decoder
+    (``family="seq2seq"``) or a decoder (``"decoder"``, a prefix-LM). Loss: cross-entropy per target
+    token; bits per target byte are reported too. Held-out examples are fixed (seed 1234)."""
+
+    parts = ("loss",)
+    weights: dict[str, float] = {}
+
+    def __init__(self, task: DenoisingTask, train: ByteWindows, val: ByteWindows, *, family: str, pad_id: int,
+                 batch_size: int, eval_batches: int = 4) -> None:
+        self.name = task.objective
+        self.task, self.train, self.val, self.family, self.pad_id = task, train, val, family, pad_id
+        self.batch_size, self.n_eval = batch_size, eval_batches
+
+    def _make(self, windows: ByteWindows, rng: random.Random) -> Batch:
+        tensors = example_batch(self.task, windows.sample(self.batch_size, rng), rng, self.pad_id, self.family)
+        return Batch(tensors, self.counts(tensors))
+
+    def counts(self, tensors: dict[str, Tensor]) -> dict[str, int]:
+        labels = tensors["labels"]
+        return {"loss": int((labels != IGNORE).sum()), "bytes": int(((labels >= 0) & (labels < 256)).sum())}
+
+    def batch(self, rng: BatchRng) -> Batch:
+        return self._make(self.train, rng.py)
+
+    def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        logits = batch_logits(model, batch, causal=self.task.objective == "causal")
+        return {"loss": F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
+                                        reduction="sum")}
+
+    def eval_batches(self, final: bool) -> Iterator[Batch]:
+        rng = random.Random(1234)
+        for _ in range(self.n_eval):
+            yield self._make(self.val, rng)
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        nats = sums["loss"]
+        return {"loss": nats / max(counts["loss"], 1), "bpb": nats / (max(counts["bytes"], 1) * math.log(2))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -3,32 +3,38 @@ encoder folder (WordPiece, e.g. all-MiniLM-L6-v2) or a preset from scratch (byte
 
 Data: JSONL lines {"text": ..., "label": ...} or a CSV file with ``text`` and ``label`` columns.
 Labels are strings; their set comes from the training file, and a test label outside it is an error.
+Token tagging and question answering (``finetune_tasks``) share ``FinetuneConfig`` and
+``encoder_for_task``; all three train through the one loop.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import random
 import sys
-import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from triform.config import get_encoder_preset
 from triform.errors import ConfigError, DataError
-from triform.models.encoder import Encoder, EncoderForSequenceClassification
+from triform.interop import load_encoder
+from triform.models.encoder import (
+    EncoderForQuestionAnswering,
+    EncoderForSequenceClassification,
+    EncoderForTokenClassification,
+)
+from triform.objectives.finetune import Classification
+from triform.tokenizers.base import Tokenizer
 from triform.tokenizers.byte import ByteTokenizer
 from triform.tokenizers.wordpiece import EncodedBatch, WordPieceTokenizer
-from triform.training.checkpoint import CHECKPOINT_DIR, save_checkpoint
-from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import parse_duration, resolve_device, steps_for_budget
+from triform.training.args import TrainArgs, check_positive_int
+from triform.training.loop import FitResult, fit
 
 
 class ByteTextEncoder:
@@ -89,24 +95,18 @@ def read_labelled(path: str) -> list[tuple[str, str]]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
-    """A classification fine-tuning run.
+class FinetuneConfig(TrainArgs):
+    """A fine-tuning run: the shared training arguments (see ``TrainArgs``) and these. The step
+    count is epochs over the training data, bounded by max_steps and time_budget; warm-up is 10%
+    of it unless warmup_steps is given, then cosine decay to a tenth of lr.
 
     Args:
         base: A triform encoder checkpoint, a Hugging Face encoder folder, or an encoder preset name
             (trained from scratch, byte-level).
         max_length: Longest input in tokens, [CLS]/[SEP] included.
         truncate: Cut longer texts (with a warning) instead of refusing them.
-        batch_size: Examples per step.
         epochs: Passes over the training data (bounded by max_steps and time_budget).
-        max_steps: Upper bound on steps.
-        time_budget: Wall-clock budget such as 3m.
-        lr: Peak learning rate (10% warm-up, cosine decay to a tenth).
-        weight_decay: AdamW weight decay on matrices.
         dropout: Dropout in the encoder while fine-tuning.
-        seed: Random seed.
-        device: "auto", "cpu" or "cuda".
-        progress: Show a progress bar.
     """
 
     base: str = "bert-base-tiny"
@@ -115,18 +115,58 @@ class FinetuneConfig:
     batch_size: int = 32
     epochs: int = 3
     max_steps: int | None = None
-    time_budget: str | None = None
     lr: float = 5e-5
+    warmup_steps: int | None = None
     weight_decay: float = 0.01
+    beta2: float = 0.999
     dropout: float = 0.1
+    eval_interval: int = 1_000_000
     seed: int = 0
-    device: str = "auto"
-    progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_length < 4 or self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError("max_length (>= 4), batch_size and epochs must be positive.")
-        parse_duration(self.time_budget)
+        super().__post_init__()
+        check_positive_int("max_length", self.max_length, minimum=4)
+        check_positive_int("epochs", self.epochs)
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+
+    def bounded_by_data(self) -> bool:
+        return True
+
+    def steps_for(self, n: int) -> int:
+        """Optimizer steps for ``n`` training examples: epochs of them, bounded by max_steps."""
+        steps = -(-n // self.micro_batch_size) * self.epochs // self.grad_accum
+        return max(1, steps if self.max_steps is None else min(self.max_steps, steps))
+
+
+def encoder_for_task(base: str, task: str, n_labels: int, dropout: float) -> tuple[nn.Module, Tokenizer]:
+    """The task model (``task``: "classify", "tag" or "qa") and its tokenizer: from a Hugging Face
+    encoder folder (WordPiece), a triform encoder checkpoint, or a preset (bytes, from scratch).
+    A pretrained base's encoder weights are copied in; the task head (and a pooler the base lacks)
+    start fresh."""
+    if Path(base).exists():
+        encoder, tok = load_encoder(base)
+        cfg, state = encoder.cfg.replace(dropout=dropout), encoder.state_dict()
+    else:
+        tok = ByteTokenizer()
+        cfg = get_encoder_preset(base).replace(vocab_size=-(-tok.vocab_size // 8) * 8, pad_id=tok.pad_id, dropout=dropout)
+        state = None
+    model: nn.Module = {
+        "classify": lambda: EncoderForSequenceClassification(cfg, n_labels),
+        "tag": lambda: EncoderForTokenClassification(cfg, n_labels),
+        "qa": lambda: EncoderForQuestionAnswering(cfg),
+    }[task]()
+    if state is not None:
+        model.encoder.load_state_dict(state, strict=False)
+    return model, tok
+
+
+def finetune_fit(model: nn.Module, objective: Any, cfg: FinetuneConfig, n: int, tokenizer: Tokenizer, *,
+                 out_dir: Path | str | None, meta: dict[str, Any], log: Callable[[str], None] | None = None) -> FitResult:
+    """Run the one loop for a fine-tuning objective over ``n`` examples (epochs → steps)."""
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    return fit(model, objective, cfg.replace(max_steps=cfg.steps_for(n)), out_dir=out_dir, tokenizer=tokenizer,
+               meta={**meta, "train": {k: v for k, v in cfg.__dict__.items()}}, title=f"{objective.name} fine-tuning", log=say)
 
 
 @dataclass
@@ -157,84 +197,22 @@ class Classifier:
         return float((pred == gold).float().mean())
 
 
-def _base_model(base: str, n_labels: int, dropout: float) -> tuple[EncoderForSequenceClassification, Any, str]:
-    """The classifier to fine-tune, its text encoder, and what the base was."""
-    path = Path(base)
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():  # a Hugging Face encoder folder
-        from triform.interop.hf_encoders import load_hf_encoder
-
-        encoder, cfg = load_hf_encoder(path, "none")
-        model = EncoderForSequenceClassification(cfg.replace(dropout=dropout), n_labels)
-        model.encoder.load_state_dict(encoder.state_dict(), strict=False)  # a pooler the base lacks starts fresh
-        return model, WordPieceTokenizer(path), "hf"
-    if path.exists():
-        from triform.training.encoder_trainer import load_encoder_checkpoint
-
-        pre, tok, _ = load_encoder_checkpoint(path)
-        encoder: Encoder = pre.encoder  # type: ignore[assignment]
-        model = EncoderForSequenceClassification(encoder.cfg.replace(dropout=dropout), n_labels)
-        model.encoder.load_state_dict(encoder.state_dict(), strict=False)
-        return model, (tok if isinstance(tok, WordPieceTokenizer) else ByteTextEncoder(tok)), "checkpoint"
-    tok = ByteTokenizer()
-    cfg = get_encoder_preset(base).replace(vocab_size=-(-tok.vocab_size // 8) * 8, pad_id=tok.pad_id, dropout=dropout)
-    return EncoderForSequenceClassification(cfg, n_labels), ByteTextEncoder(tok), "scratch"
-
-
 def finetune_classifier(
     cfg: FinetuneConfig, train_rows: list[tuple[str, str]], *, out_dir: Path | str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Classifier:
     """Fine-tune on (text, label) rows; saves ``out_dir/checkpoint`` when given."""
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     labels = sorted({y for _, y in train_rows})
     if len(labels) < 2:
         raise DataError("classification needs at least two labels in the training data.")
-    model, text_encoder, _ = _base_model(cfg.base, len(labels), cfg.dropout)
-    model.to(device)
+    model, tok = encoder_for_task(cfg.base, "classify", len(labels), cfg.dropout)
+    text_encoder = tok if isinstance(tok, WordPieceTokenizer) else ByteTextEncoder(tok)  # type: ignore[arg-type]
     max_length = min(cfg.max_length, model.cfg.max_tokens)
     # Tokenize once (a too-long text is refused here unless truncation is allowed).
     enc = text_encoder.batch([t for t, _ in train_rows], max_length=max_length, truncate=cfg.truncate)
     y = torch.tensor([labels.index(lab) for _, lab in train_rows])
-    steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    budget = parse_duration(cfg.time_budget)
-    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    loss_fn = nn.CrossEntropyLoss()
-    bar = tqdm(total=total, disable=not cfg.progress, unit="step", dynamic_ncols=True, file=sys.stderr, desc="finetune")
-    t0, step = time.perf_counter(), 0
-    order: list[int] = []
-    while step < total:
-        if not order:
-            order = list(range(len(train_rows)))
-            rng.shuffle(order)
-        idx = torch.tensor(order[: cfg.batch_size])
-        order = order[cfg.batch_size :]
-        for group in opt.param_groups:
-            # 10% warm-up of the (possibly budget-fitted) step count, then cosine decay to a tenth
-            group["lr"] = lr_at(step, lr=cfg.lr, min_lr=cfg.lr / 10, warmup=max(1, total // 10), total=total)
-        model.train()
-        width = int(enc.attention_mask[idx].sum(1).max())  # trim the batch's padding
-        logits = model(enc.input_ids[idx, :width].to(device), attention_mask=enc.attention_mask[idx, :width].to(device),
-                       token_type_ids=enc.token_type_ids[idx, :width].to(device))
-        loss = loss_fn(logits, y[idx].to(device))
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        elapsed = time.perf_counter() - t0
-        if budget is not None and step == 5:
-            total = steps_for_budget(step, elapsed, budget, total)
-            bar.total = total
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if budget is not None and elapsed > budget:
-            break
-    bar.close()
-    clf = Classifier(model.eval(), text_encoder, labels, max_length)
-    if out_dir is not None:
-        meta = {"kind": "encoder", "head": "sequence", "num_labels": len(labels), "labels": labels, "max_length": max_length}
-        tok = text_encoder.tok if isinstance(text_encoder, ByteTextEncoder) else text_encoder
-        save_checkpoint(Path(out_dir) / CHECKPOINT_DIR, model, tok, extra=meta)
-    return clf
+    objective = Classification(enc.input_ids, enc.attention_mask, enc.token_type_ids, y, batch_size=cfg.micro_batch_size)
+    meta = {"labels": labels, "max_length": max_length}
+    finetune_fit(model, objective, cfg, len(train_rows), tok, out_dir=out_dir, meta=meta, log=log)
+    return Classifier(model.eval(), text_encoder, labels, max_length)

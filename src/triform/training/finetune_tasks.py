@@ -12,25 +12,20 @@ the context's characters.
 from __future__ import annotations
 
 import json
-import random
 import re
-import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from triform.errors import DataError
-from triform.models.encoder import EncoderForQuestionAnswering, EncoderForTokenClassification, best_span
+from triform.models.encoder import best_span
+from triform.objectives.finetune import SpanExtraction, Tagging
 from triform.objectives.masked_lm import IGNORE
-from triform.tokenizers.byte import ByteTokenizer
 from triform.tokenizers.wordpiece import WordPieceTokenizer
-from triform.training.finetune import FinetuneConfig
-from triform.training.optim import build_optimizer, lr_at
-from triform.training.trainer import resolve_device
+from triform.training.finetune import FinetuneConfig, encoder_for_task, finetune_fit
 
 
 def read_conll(path: str) -> list[tuple[list[str], list[str]]]:
@@ -93,70 +88,12 @@ def read_squad(path: str) -> list[QAExample]:
     return out
 
 
-def _byte_model(base: str, kind: str, n_labels: int, dropout: float) -> tuple[nn.Module, ByteTokenizer | WordPieceTokenizer]:
-    """The task model and its tokenizer: from a Hugging Face encoder folder (WordPiece), a triform
-    encoder checkpoint (bytes) or a preset (bytes, from scratch)."""
-    path = Path(base)
-    tok: ByteTokenizer | WordPieceTokenizer = ByteTokenizer()
-    if (path / "tokenizer.json").is_file() and (path / "config.json").is_file():
-        from triform.interop.hf_encoders import load_hf_encoder
-
-        encoder, hf_cfg = load_hf_encoder(path, "none")
-        cfg, state, tok = hf_cfg.replace(dropout=dropout), encoder.state_dict(), WordPieceTokenizer(path)
-    elif path.exists():
-        from triform.training.encoder_trainer import load_encoder_checkpoint
-
-        pre, tok, _ = load_encoder_checkpoint(path)
-        cfg = pre.encoder.cfg.replace(dropout=dropout)
-        state = pre.encoder.state_dict()
-    else:
-        from triform.config import get_encoder_preset
-
-        cfg = get_encoder_preset(base).replace(vocab_size=-(-tok.vocab_size // 8) * 8, pad_id=tok.pad_id, dropout=dropout)
-        state = None
-    model = EncoderForTokenClassification(cfg, n_labels) if kind == "tag" else EncoderForQuestionAnswering(cfg)
-    if state is not None:
-        model.encoder.load_state_dict(state, strict=False)
-    return model, tok
-
-
-def _train_loop(model: nn.Module, cfg: FinetuneConfig, n: int, batch_loss) -> None:
-    device = next(model.parameters()).device
-    steps = -(-n // cfg.batch_size) * cfg.epochs if cfg.max_steps is None else cfg.max_steps
-    opt = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
-    bar = tqdm(total=steps, disable=not cfg.progress, unit="step", file=sys.stderr, desc="finetune")
-    for step in range(steps):
-        if not order:
-            order = list(range(n))
-            rng.shuffle(order)
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=cfg.lr, min_lr=cfg.lr / 10, warmup=max(1, steps // 10), total=steps)
-        model.train()
-        loss = batch_loss(idx, device)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-
-
-def _pad(rows: list[list[int]], value: int) -> Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
 class Tagger:
     """A byte-level token tagger: ``fit`` on CoNLL sentences, ``predict`` tags, ``accuracy``."""
 
     def __init__(self, cfg: FinetuneConfig, tags: list[str]) -> None:
         self.cfg, self.tags = cfg, tags
-        self.model, self.tok = _byte_model(cfg.base, "tag", len(tags), cfg.dropout)
-        self.model.to(resolve_device(cfg.device))
+        self.model, self.tok = encoder_for_task(cfg.base, "tag", len(tags), cfg.dropout)
         self.max_length = min(cfg.max_length, self.model.cfg.max_tokens)
 
     def _encode(self, tokens: list[str], tags: list[str] | None) -> tuple[list[int], list[int]]:
@@ -188,17 +125,14 @@ class Tagger:
             ids, labels = ids[: self.max_length - 1] + [self.tok.eos_id], labels[: self.max_length - 1] + [IGNORE]
         return ids, labels
 
-    def fit(self, sentences: list[tuple[list[str], list[str]]]) -> Tagger:
-        enc = [self._encode(t, g) for t, g in sentences]
-
-        def batch_loss(idx: list[int], device: torch.device) -> Tensor:
-            ids = _pad([enc[i][0] for i in idx], self.tok.pad_id).to(device)
-            labels = _pad([enc[i][1] for i in idx], IGNORE).to(device)
-            mask = _pad([[1] * len(enc[i][0]) for i in idx], 0).to(device)
-            logits = self.model(ids, attention_mask=mask)
-            return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-
-        _train_loop(self.model, self.cfg, len(enc), batch_loss)
+    def fit(self, sentences: list[tuple[list[str], list[str]]], *, out_dir: Path | str | None = None,
+            log: Callable[[str], None] | None = None) -> Tagger:
+        """Fine-tune on (tokens, tags) sentences; saves ``out_dir/checkpoint`` when given."""
+        torch.manual_seed(self.cfg.seed)
+        objective = Tagging([self._encode(t, g) for t, g in sentences], pad_id=self.tok.pad_id,
+                            batch_size=self.cfg.micro_batch_size)
+        finetune_fit(self.model, objective, self.cfg, len(sentences), self.tok, out_dir=out_dir,
+                     meta={"labels": self.tags}, log=log)
         return self
 
     @torch.inference_mode()
@@ -240,8 +174,7 @@ class SpanQA:
 
     def __init__(self, cfg: FinetuneConfig, *, max_answer_len: int = 64) -> None:
         self.cfg, self.max_answer_len = cfg, max_answer_len
-        self.model, self.tok = _byte_model(cfg.base, "qa", 2, cfg.dropout)
-        self.model.to(resolve_device(cfg.device))
+        self.model, self.tok = encoder_for_task(cfg.base, "qa", 2, cfg.dropout)
         self.max_length = min(cfg.max_length, self.model.cfg.max_tokens)
 
     def _encode_wordpiece(self, ex: QAExample) -> tuple[list[int], list[int], int, int, list[tuple[int, int]]] | None:
@@ -279,20 +212,16 @@ class SpanQA:
             return None
         return ids, offset, start, end
 
-    def fit(self, examples: list[QAExample]) -> SpanQA:
-        enc = [e for e in (self._encode(x) for x in examples) if e is not None]
+    def fit(self, examples: list[QAExample], *, out_dir: Path | str | None = None,
+            log: Callable[[str], None] | None = None) -> SpanQA:
+        """Fine-tune on SQuAD examples (those whose answer is cut off by max_length are skipped);
+        saves ``out_dir/checkpoint`` when given."""
+        torch.manual_seed(self.cfg.seed)
+        enc = [(e[0], e[2], e[3]) for e in (self._encode(x) for x in examples) if e is not None]
         if not enc:
             raise DataError("no training answer fits within max_length; raise it.")
-
-        def batch_loss(idx: list[int], device: torch.device) -> Tensor:
-            ids = _pad([enc[i][0] for i in idx], self.tok.pad_id).to(device)
-            mask = _pad([[1] * len(enc[i][0]) for i in idx], 0).to(device)
-            start, end = self.model(ids, attention_mask=mask)
-            ys = torch.tensor([enc[i][2] for i in idx], device=device)
-            ye = torch.tensor([enc[i][3] for i in idx], device=device)
-            return (nn.functional.cross_entropy(start, ys) + nn.functional.cross_entropy(end, ye)) / 2
-
-        _train_loop(self.model, self.cfg, len(enc), batch_loss)
+        objective = SpanExtraction(enc, pad_id=self.tok.pad_id, batch_size=self.cfg.micro_batch_size)
+        finetune_fit(self.model, objective, self.cfg, len(enc), self.tok, out_dir=out_dir, meta={}, log=log)
         return self
 
     @torch.inference_mode()

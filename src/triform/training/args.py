@@ -1,0 +1,161 @@
+"""The training arguments every command shares, validated in one place.
+
+``TrainArgs`` holds what the one loop needs (optimizer, schedule, budget, evaluation, checkpoints,
+precision, device). Each training command's config is a subclass that adds its data and model
+fields and may change defaults; the CLI builds that dataclass from the flags, so a bad value is one
+sentence naming the option, whichever command it was given to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from triform.errors import ConfigError
+
+Precision = Literal["auto", "float32", "bfloat16"]
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds in a duration such as ``"90s"``, ``"5m"``, ``"1.5h"`` or a bare number of seconds."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smh]?)\s*", str(text))
+        if not m:
+            raise ConfigError(f"time_budget must look like 90s, 5m or 1h, got {text!r}.")
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ConfigError(f"time_budget must be positive, got {text!r}.")
+    return seconds
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is an integer >= ``minimum`` (or None if allowed)."""
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{name} must be {what}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A ConfigError naming ``name`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainArgs:
+    """Arguments of the one training loop, shared by every training command.
+
+    Args:
+        batch_size: Sequences (or examples) per optimizer step, split over grad_accum micro-batches.
+        grad_accum: Micro-batches per optimizer step; losses are summed and divided by the step's
+            total token count, so the gradient equals one large batch's.
+        lr: Peak learning rate of AdamW.
+        min_lr: Learning rate at the end of the cosine decay (default lr / 10).
+        warmup_steps: Steps of linear warm-up (None: 10% of the steps).
+        max_steps: Optimizer steps (an upper bound when time_budget is set).
+        time_budget: Wall-clock budget such as 90s, 5m or 1h for the whole run, evaluation included;
+            the step count is fitted to it and refitted as the pace becomes known.
+        weight_decay: Decoupled weight decay, applied to weight matrices only.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: Clip the global gradient norm to this value (0 disables).
+        eval_interval: Evaluate on held-out data every this many steps.
+        checkpoint_interval: Save a resumable checkpoint every this many steps.
+        seed: Seed for initialisation, batch sampling and dropout.
+        device: "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N".
+        precision: "auto" (bfloat16 autocast where a short measurement at start-up shows this
+            CPU or GPU runs it faster, else float32), "float32" or "bfloat16". Weights and
+            optimizer state stay float32.
+        progress: Show a progress bar.
+    """
+
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float | None = None
+    warmup_steps: int | None = 50
+    max_steps: int | None = 5000
+    time_budget: str | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    checkpoint_interval: int = 1000
+    seed: int = 1337
+    device: str = "auto"
+    precision: Precision = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("max_steps", self.max_steps, allow_none=True)
+        check_positive_int("warmup_steps", self.warmup_steps, allow_none=True, minimum=0)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}.")
+        if not _is_number(self.lr) or not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr!r}.")
+        if self.min_lr is not None and (not _is_number(self.min_lr) or not 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"min_lr must be between 0 and lr, got {self.min_lr!r}.")
+        for name in ("weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not _is_number(v) or v < 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {v!r}.")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0 <= v < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {v!r}.")
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}.")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        check_choice("precision", self.precision, ("auto", "float32", "bfloat16"))
+        parse_duration(self.time_budget)
+        if self.max_steps is None and self.time_budget is None and not self.bounded_by_data():
+            raise ConfigError("give max_steps or time_budget: nothing else bounds the run.")
+
+    def bounded_by_data(self) -> bool:
+        """Whether the command's data bounds the run (epochs over a finite set) without max_steps."""
+        return False
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def replace(self, **changes: Any) -> TrainArgs:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], **changes: Any) -> TrainArgs:
+        """The config a checkpoint recorded (fields it does not know are dropped), with ``changes``."""
+        names = cls.field_names()
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+        return cls(**{**kw, **changes})

@@ -1,0 +1,434 @@
+"""The one training loop, for every objective and every model family.
+
+``fit(model, objective, args)`` owns what every run needs once: AdamW groups, warm-up + cosine,
+gradient accumulation normalised by the step's token count, clipping, the precision choice, a
+wall-clock budget that is refitted as the pace becomes known, periodic and final evaluation, the
+divergence check, atomic checkpoints (periodic, final, and on Ctrl-C), bit-exact resume,
+``metrics.jsonl``, the loss plot and the progress bar. ``train_step`` is the plain step it calls, so
+a distributed wrapper or a benchmark can call it too. A step makes one host sync: the logged loss
+(and gradient norm) come back in a single transfer after the optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from triform.checkpoint import CHECKPOINT_DIR, load_trainer_state, save_checkpoint
+from triform.output_dir import check_output_dir, claim_output_dir, is_own_output
+from triform.errors import ConfigError
+from triform.objectives.base import Batch, BatchRng, Objective, combine
+from triform.tokenizers.base import Tokenizer
+from triform.device import resolve_device
+from triform.training.args import TrainArgs, parse_duration
+from triform.training.optim import build_optimizer, lr_at
+from triform.training.precision import PrecisionChoice, choose_precision
+
+SKIP_STEPS = 2  # steps not timed for the pace: they include allocation and kernel selection
+CALIBRATION_STEPS = 8  # timed steps before the first fit of the step count to a budget
+REFITS = 10  # the step count is refitted each time another tenth of the budget has passed
+
+
+@dataclass
+class FitResult:
+    """What a run produced: losses per step, evaluations, the final metrics and where time went."""
+
+    steps: int
+    train_losses: list[float]
+    evals: list[dict[str, float]]
+    final: dict[str, float]
+    seconds: float  # the whole loop: training, evaluation and checkpoints
+    train_seconds: float
+    eval_seconds: float
+    tokens: int
+    precision: str
+    out_dir: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.train_seconds, 1e-9)
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.final.get("loss")
+
+    @property
+    def val_bpb(self) -> float | None:
+        return self.final.get("bpb")
+
+    @property
+    def train_loss(self) -> float:
+        """The mean training loss of the last 20 steps."""
+        tail = self.train_losses[-20:]
+        return sum(tail) / max(len(tail), 1)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_DIR if self.out_dir is not None else None
+
+
+def _rng_state(rng: BatchRng) -> dict[str, Any]:
+    state = {"batch": rng.state_dict(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: BatchRng, state: dict[str, Any]) -> None:
+    rng.load_state_dict(state["batch"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+RUN_FILES = (CHECKPOINT_DIR, "metrics.jsonl", "loss.png")
+
+
+def claim_run_dir(out_dir: Path | str, *, command: str, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``out_dir`` ready for a training run of ``command`` before any slow work starts.
+
+    A new or empty folder is used. A folder with files triform did not write is refused (unless
+    ``overwrite``). A folder that already holds a run is refused unless the run is being resumed,
+    or ``overwrite`` asks to start again — then its checkpoint, metrics and plot are removed (and
+    nothing else in the folder). A resumed run's folder is checked by loading its checkpoint."""
+    out = Path(out_dir)
+    if resume:
+        return out
+    check_output_dir(out, command=command, overwrite=overwrite)
+    has_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
+    if has_run and not overwrite:
+        what = "a training run" if is_own_output(out, command) else "output of another command"
+        raise ConfigError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to start again.")
+    if has_run:
+        import shutil
+
+        for name in RUN_FILES:
+            for path in (out / name, out / f".{name}.old", out / f".{name}.tmp"):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    return claim_output_dir(out, command=command, overwrite=overwrite)
+
+
+def model_width(model: nn.Module) -> int:
+    """The model's hidden width, for sizing the precision measurement."""
+    cfg = getattr(model, "cfg", None)
+    for stack in (getattr(cfg, "stack", None), getattr(cfg, "encoder", None)):
+        if stack is not None:
+            return int(stack.d_model)
+    return 512
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``'s type, or nothing for float32."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def accumulate_gradients(
+    model: nn.Module, objective: Objective, batches: Sequence[Batch], *, amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Backward through every micro-batch (already on the model's device), each part of the loss
+    divided by its count summed over all of them, so the gradients equal one large batch's.
+    Returns the step's loss as a tensor, without synchronising with the device."""
+    counts: dict[str, int] = {}
+    for b in batches:
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    sync = getattr(model, "no_sync", None)
+    for i, b in enumerate(batches):
+        # DDP: reduce gradients once, on the last micro-batch (nanoGPT's require_backward_grad_sync)
+        ctx = sync() if sync is not None and i < len(batches) - 1 else nullcontext()
+        with ctx:
+            with autocast(device, amp_dtype):
+                sums = objective.loss(model, b)
+            loss = combine(objective, sums, counts)
+            loss.backward()
+        total += loss.detach().float()
+    return total
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batches: Sequence[Batch], *,
+    lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """One optimizer step over micro-batches: gradients accumulated by ``accumulate_gradients``,
+    clipped, applied. Returns (loss, gradient norm) as one tensor, without synchronising."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    total = accumulate_gradients(model, objective, batches, amp_dtype=amp_dtype)
+    if grad_clip > 0:
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        norm = torch.zeros((), device=total.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([total, norm.float().to(total.device)])
+
+
+@torch.inference_mode()
+def evaluate_objective(
+    model: nn.Module, objective: Objective, batches: Sequence[Batch] | Any, *, amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """The objective's metrics over held-out batches: sums and counts added over all of them, one sync."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    for b in batches:
+        with autocast(device, amp_dtype):
+            out = objective.loss(model, b.to(device))
+        for k, v in out.items():
+            sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+        for k, v in b.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    model.train(was_training)
+    if not sums:
+        return {}
+    names = list(sums)
+    values = torch.stack([sums[k] for k in names]).tolist()
+    return objective.summarize(dict(zip(names, values)), counts)
+
+
+def plot_losses(path: Path, losses: list[float], evals: list[dict[str, float]], title: str) -> None:
+    """Save the training loss per step and the held-out loss at each evaluation (nats) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if losses:
+        ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.7, label="train loss")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", lw=1.5, label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+class _Budget:
+    """Fits the step count to a wall-clock budget: the pace is measured after the first steps
+    (which include start-up) and re-measured each tenth of the budget; evaluation time is counted,
+    and the final evaluation and checkpoint are reserved for."""
+
+    def __init__(self, seconds: float, cap: int | None, eval_interval: int) -> None:
+        self.seconds, self.cap, self.eval_interval = seconds, cap, eval_interval
+        self.step_time, self.steps_timed = 0.0, 0
+        self.eval_time, self.evals = 0.0, 0
+        self.reserve = 0.0
+        self.next_refit = 0.0
+
+    def record_step(self, step: int, seconds: float) -> None:
+        if step > SKIP_STEPS:
+            self.step_time += seconds
+            self.steps_timed += 1
+
+    def record_eval(self, seconds: float, batches: int, final_batches: int) -> None:
+        """Time one periodic evaluation took; the fastest per-batch time seen (the first evaluation
+        includes start-up) sizes the reserve for the final evaluation and checkpoint."""
+        self.eval_time += seconds
+        self.evals += 1
+        per_batch = seconds / max(batches, 1)
+        self.per_batch = min(getattr(self, "per_batch", per_batch), per_batch)
+        self.reserve = self.per_batch * (final_batches + 2)
+
+    def refit(self, step: int, elapsed: float, total: int | None) -> int | None:
+        """A new total step count, or ``total`` unchanged when it is not time to refit."""
+        if self.steps_timed < CALIBRATION_STEPS or (total is not None and elapsed < self.next_refit):
+            return total
+        self.next_refit = elapsed + self.seconds / REFITS
+        pace = self.step_time / self.steps_timed
+        if self.evals:
+            pace += self.eval_time / self.evals / self.eval_interval
+        room = self.seconds - elapsed - self.reserve
+        fitted = step + max(0, int(room / pace))
+        return max(step + 1, min(self.cap, fitted) if self.cap is not None else fitted)
+
+    def out_of_time(self, elapsed: float) -> bool:
+        if self.steps_timed < CALIBRATION_STEPS:
+            return elapsed > self.seconds
+        return elapsed + self.step_time / self.steps_timed + self.reserve > self.seconds
+
+
+def fit(
+    model: nn.Module, objective: Objective, args: TrainArgs, *, out_dir: Path | str | None = None,
+    tokenizer: Tokenizer | None = None, meta: dict[str, Any] | None = None, resume: bool = False,
+    stop_after: int | None = None, title: str = "", log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``objective`` with ``args``; writes ``checkpoint/``, ``metrics.jsonl`` and
+    ``loss.png`` into ``out_dir`` (nothing when it is None).
+
+    ``resume`` continues from ``out_dir``'s checkpoint (the caller has loaded its weights into
+    ``model``) exactly as if the run had never stopped. ``stop_after`` pauses at that step with the
+    schedule unchanged, as an interruption would. Ctrl-C saves a resumable checkpoint, then re-raises.
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and tokenizer is None:
+        raise ValueError("fit needs the tokenizer to save checkpoints into out_dir.")
+    device = resolve_device(args.device)
+    model.to(device)
+    budget_s = parse_duration(args.time_budget)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
+    rng = BatchRng(args.seed)
+    step, losses, evals = 0, [], []
+    total: int | None = None if budget_s else args.max_steps
+    elapsed_before, tokens = 0.0, 0
+    precision: PrecisionChoice
+    if resume:
+        if out is None:
+            raise ValueError("resume needs out_dir.")
+        state = load_trainer_state(out)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(rng, state["rng"])
+        objective.load_state_dict(state.get("objective", {}))
+        step, losses, evals = state["step"], list(state["losses"]), list(state["evals"])
+        total, elapsed_before, tokens = state["total_steps"], state["elapsed"], state.get("tokens", 0)
+        precision = choose_precision(state.get("precision", "float32"), device)
+        if total is not None:
+            budget_s = None
+    else:
+        precision = choose_precision(args.precision, device, d_model=model_width(model))
+    amp = precision.dtype
+    budget = _Budget(budget_s - elapsed_before, args.max_steps, args.eval_interval) if budget_s else None
+    say(f"precision: {precision.reason}")
+
+    eval_set = list(objective.eval_batches(final=False))
+    final_set = list(objective.eval_batches(final=True))
+    metrics_file = out / "metrics.jsonl" if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    eval_seconds = 0.0
+
+    def elapsed() -> float:
+        return time.perf_counter() - t0
+
+    def write(record: dict[str, Any]) -> None:
+        if metrics_file is not None:
+            with open(metrics_file, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        if out is None:
+            return
+        trainer_state = {
+            "optimizer": optimizer.state_dict(), "rng": _rng_state(rng), "objective": objective.state_dict(),
+            "step": step, "losses": losses, "evals": evals, "total_steps": total, "tokens": tokens,
+            "elapsed": elapsed_before + elapsed(), "precision": precision.name,
+        }
+        save_checkpoint(out / CHECKPOINT_DIR, model, tokenizer, trainer_state=trainer_state, extra=meta)  # type: ignore[arg-type]
+
+    def run_eval(batches: list[Batch], kind: str) -> dict[str, float]:
+        nonlocal eval_seconds
+        t = time.perf_counter()
+        result = {"step": step, **evaluate_objective(model, objective, batches, amp_dtype=amp)}
+        seconds = time.perf_counter() - t
+        eval_seconds += seconds
+        if budget is not None and kind == "eval":
+            budget.record_eval(seconds, len(batches), len(final_set))
+        write({"kind": kind, **result})
+        return result
+
+    if step == 0 and eval_set:
+        e = run_eval(eval_set, "eval")
+        evals.append(e)
+        say(f"step 0: held-out loss {e['loss']:.4f}" + (f", {e['bpb']:.3f} bits/byte" if "bpb" in e else ""))
+    if budget is not None:
+        total = None
+    bar = tqdm(total=total, initial=step, disable=not args.progress, unit="step", dynamic_ncols=True, file=sys.stderr,
+               desc=objective.name)
+    train_seconds = 0.0
+    warmup = args.warmup_steps
+    try:
+        while total is None or step < total:
+            if stop_after is not None and step >= stop_after:
+                break
+            t_step = time.perf_counter()
+            horizon = total if total is not None else args.max_steps
+            if args.warmup_steps is None:
+                warmup = max(1, (horizon or 10) // 10)
+            lr = lr_at(step, lr=args.lr, min_lr=args.final_lr, warmup=warmup or 0, total=total)
+            batches = [objective.batch(rng).to(device) for _ in range(args.grad_accum)]
+            stats = train_step(model, optimizer, objective, batches, lr=lr, grad_clip=args.grad_clip, amp_dtype=amp)
+            loss, norm = stats.tolist()  # the step's one host sync
+            if not math.isfinite(loss):
+                raise ConfigError(
+                    f"training diverged at step {step + 1} (loss {loss}); lower the learning rate"
+                    + (" (the last checkpoint is kept)." if out is not None else ".")
+                )
+            step += 1
+            losses.append(loss)
+            tokens += sum(b.counts.get("tokens", b.counts[objective.parts[0]]) for b in batches)
+            seconds = time.perf_counter() - t_step
+            train_seconds += seconds
+            write({"kind": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm})
+            if budget is not None:
+                budget.record_step(step, seconds)
+                refitted = budget.refit(step, elapsed(), total)
+                if refitted != total:
+                    total = refitted
+                    bar.total = total
+                    bar.refresh()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens / max(train_seconds, 1e-9):,.0f}", refresh=False)
+            done = (total is not None and step >= total) or (budget is not None and budget.out_of_time(elapsed()))
+            if args.max_steps is not None and step >= args.max_steps:
+                done = True
+            if step % args.eval_interval == 0 and not done and eval_set:
+                e = run_eval(eval_set, "eval")
+                evals.append(e)
+                bar.write(f"step {step}: train loss {loss:.4f}, held-out loss {e['loss']:.4f}"
+                          + (f", {e['bpb']:.3f} bits/byte" if "bpb" in e else ""), file=sys.stderr)
+                if out is not None:
+                    plot_losses(out / "loss.png", losses, evals, title)
+            if step % args.checkpoint_interval == 0 and not done:
+                checkpoint()
+            if done:
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint()
+        if out is not None:
+            say(f"interrupted at step {step}; checkpoint saved in {out / CHECKPOINT_DIR}, continue with --resume.")
+        raise
+    bar.close()
+    final: dict[str, float] = {}
+    if final_set:
+        final = run_eval(final_set, "final_eval")
+        evals.append(final)
+    if stop_after is None:
+        total = step  # a budget run may end early: record where its schedule ended
+    checkpoint()
+    if out is not None:
+        plot_losses(out / "loss.png", losses, evals, title)
+    seconds = elapsed()
+    return FitResult(
+        steps=step, train_losses=losses, evals=evals, final=final, seconds=seconds, train_seconds=train_seconds,
+        eval_seconds=eval_seconds, tokens=tokens, precision=precision.name, out_dir=out,
+        extra={"budget": budget_s, "parameters": sum(p.numel() for p in model.parameters())},
+    )
