@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/triform train --preset shakespeare --time-budget 4m --out runs/shakespeare
+	@# --overwrite: each `make demo` starts a fresh run in its own folder (other files there are kept)
+	$(BIN)/triform train --preset shakespeare --time-budget 4m --out runs/shakespeare --overwrite
 	@echo "checkpoint and loss plot are in runs/shakespeare/; try:"
 	@echo "  $(BIN)/triform generate runs/shakespeare \"ROMEO:\" --max-new-tokens 300"
 

@@ -31,7 +31,7 @@ def test_normalize_argv() -> None:
 
 
 def test_stop_flags_repeat_and_unescape(capsys: pytest.CaptureFixture[str], trained_run: Path) -> None:
-    from triform.cli.commands import _unescape
+    from triform.cli.common import unescape as _unescape
 
     assert _unescape("\\n\\n") == "\n\n" and _unescape("é\\t") == "é\t"
     # The synthetic corpus puts a newline after "KING:"; stopping there leaves an empty continuation.

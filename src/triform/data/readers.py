@@ -51,7 +51,7 @@ def _type_name(v: Any) -> str:
 
 def _text_field(item: Any, key: str, where: str) -> str:
     if not isinstance(item, dict) or key not in item:
-        raise DataError(f"{where} is not a JSON object with a {key!r} field.")
+        raise DataError(f"{where} is not a JSON object with a \"{key}\" field.")
     value = item[key]
     if not isinstance(value, str):
         raise DataError(f"{where}: {key!r} must be text, got {_type_name(value)}.")

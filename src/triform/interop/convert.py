@@ -22,11 +22,11 @@ def convert_checkpoint(
 ) -> tuple[str, Any]:
     """Write ``src`` to ``dst`` as a triform checkpoint ("triform") or an HF folder ("hf"); "auto"
     turns HF/GGUF into triform and triform into HF. Returns (target format, model)."""
+    if to not in ("auto", "triform", "hf"):
+        raise ConfigError(f"--to must be triform, hf or auto, got {to!r}.")
     src_path, dst_path = Path(src), Path(dst)
     kind = detect_format(src_path)
     target = {"auto": "hf" if kind == "triform" else "triform"}.get(to, to)
-    if target not in ("triform", "hf"):
-        raise ConfigError(f"--to must be triform, hf or auto, got {to!r}.")
     shard_bytes = parse_size(max_shard_size)
     _check_apart(src_path, dst_path)
     check_output_dir(dst_path, command="convert", overwrite=overwrite)  # refuse before the slow load

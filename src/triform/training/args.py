@@ -159,3 +159,31 @@ class TrainArgs:
         names = cls.field_names()
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
         return cls(**{**kw, **changes})
+
+
+def _arg_entries(doc: str) -> dict[str, str]:
+    """The ``name: text`` entries of a docstring's Args section, each with its continuation lines."""
+    entries: dict[str, str] = {}
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    name = None
+    for line in section.splitlines():
+        stripped = line.strip()
+        head = stripped.split(":", 1)[0]
+        if line.startswith("        ") and not line.startswith("            ") and ":" in stripped and head.isidentifier():
+            name = head
+            entries[name] = stripped
+        elif name is not None and stripped:
+            entries[name] += " " + stripped
+    return entries
+
+
+def with_shared_docs(cls: type) -> type:
+    """Append ``TrainArgs``' argument docs that ``cls`` does not override to ``cls``'s docstring, so
+    every training command's ``--help`` documents every flag."""
+    own = _arg_entries(cls.__doc__ or "")
+    missing = [text for name, text in _arg_entries(TrainArgs.__doc__ or "").items() if name not in own]
+    doc = (cls.__doc__ or "").rstrip()
+    if "Args:" not in doc:
+        doc += "\n\n    Args:"
+    cls.__doc__ = doc + "".join(f"\n        {text}" for text in missing) + "\n    "
+    return cls

@@ -27,8 +27,8 @@ from triform.models.decoder import DecoderLM
 from triform.models.encoder_decoder import Seq2Seq
 from triform.objectives.denoise import OBJECTIVES, ByteWindows, Denoising, DenoisingTask, task_for
 from triform.tokenizers.byte import ByteTokenizer, denoising_tokenizer
-from triform.training.args import TrainArgs, check_positive_int
-from triform.training.loop import FitResult, claim_run_dir, fit
+from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
+from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
 DENOISING_OBJECTIVES = ("span", "prefix-lm", "ul2")
 
@@ -62,6 +62,7 @@ def family_of(preset: str) -> str:
     )
 
 
+@with_shared_docs
 @dataclass(frozen=True, kw_only=True)
 class DenoiseConfig(TrainArgs):
     """One denoising pretraining run: the shared training arguments (see ``TrainArgs``) and these.
@@ -139,7 +140,8 @@ def pretrain_denoiser(
         family_of(preset)  # an unknown preset is refused before the folder is claimed
         if family_of(preset) == "seq2seq" and cfg.objective == "causal":
             raise ConfigError("objective causal trains decoder presets; an encoder-decoder needs span, prefix-lm or ul2.")
-    out = claim_run_dir(out_dir, command="pretrain", resume=resume, overwrite=overwrite)
+    out = Path(out_dir)
+    check_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     if resume:
         model, tok, meta = load_checkpoint(out, kind=("seq2seq", "decoder"))
         saved = dict(meta.get("train", {}))
@@ -171,6 +173,7 @@ def pretrain_denoiser(
     say(f"{cfg.objective} on a {n_params / 1e6:.2f}M-parameter {family} ({preset})")
     meta = {"objective": cfg.objective, "preset": preset,
             "train": {**dataclasses.asdict(cfg), "mixture_weights": list(cfg.mixture_weights) if cfg.mixture_weights else None}}
+    claim_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     result = fit(model, objective, cfg, out_dir=out, tokenizer=tok, meta=meta, resume=resume, stop_after=stop_after,
                  title=f"{cfg.objective} ({family}) on {corpus.name}", log=say)
     return DenoiseResult(**vars(result), family=family, parameters=n_params)

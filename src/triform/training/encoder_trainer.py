@@ -24,12 +24,13 @@ from triform.errors import ConfigError
 from triform.models.encoder import EncoderForPreTraining, student_from_teacher
 from triform.objectives.masked_lm import ByteEncoderInputs, Distillation, MaskedLM
 from triform.tokenizers.byte import ByteTokenizer
-from triform.training.args import TrainArgs, check_positive_int
-from triform.training.loop import FitResult, claim_run_dir, fit
+from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
+from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
 Objective = Literal["mlm", "mlm+nsp", "mlm+sop", "distill"]
 
 
+@with_shared_docs
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig(TrainArgs):
     """One encoder pretraining run: the shared training arguments (see ``TrainArgs``) and these.
@@ -87,7 +88,8 @@ def pretrain(
     from triform.data.shakespeare import shakespeare_corpus
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    out = claim_run_dir(out_dir, command="pretrain", resume=resume, overwrite=overwrite)
+    out = Path(out_dir)
+    check_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     if resume:
         model, tok, meta = load_checkpoint(out, kind="encoder")
         saved = dict(meta.get("train", {}))
@@ -120,5 +122,6 @@ def pretrain(
         objective = MaskedLM(train_data, val_data, objective=cfg.objective, batch_size=micro,
                              static_masks=cfg.static_masks, seed=cfg.seed, eval_batches=cfg.eval_batches)
     meta = {"objective": cfg.objective, "train": {**dataclasses.asdict(cfg), "preset": preset}}
+    claim_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     return fit(model, objective, cfg, out_dir=out, tokenizer=tok, meta=meta, resume=resume, stop_after=stop_after,
                title=f"{cfg.objective} on {corpus.name}", log=say)

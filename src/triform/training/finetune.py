@@ -9,8 +9,6 @@ Token tagging and question answering (``finetune_tasks``) share ``FinetuneConfig
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 import warnings
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from triform.objectives.finetune import Classification
 from triform.tokenizers.base import Tokenizer
 from triform.tokenizers.byte import ByteTokenizer
 from triform.tokenizers.wordpiece import EncodedBatch, WordPieceTokenizer
-from triform.training.args import TrainArgs, check_positive_int
+from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, fit
 
 
@@ -62,38 +60,7 @@ class ByteTextEncoder:
         return EncodedBatch(ids, mask, torch.zeros_like(ids))
 
 
-def read_labelled(path: str) -> list[tuple[str, str]]:
-    """(text, label) pairs from a JSONL or CSV file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path} does not exist.")
-    rows: list[tuple[str, str]] = []
-    try:
-        if p.suffix == ".csv":
-            with open(p, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                    raise DataError(f"{path} needs a header with 'text' and 'label' columns.")
-                rows = [(r["text"], str(r["label"])) for r in reader]
-        else:
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                    rows.append((item["text"], str(item["label"])))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{n} is not a JSON object with \"text\" and \"label\".") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text.") from None
-    if not rows:
-        raise DataError(f"{path} holds no examples.")
-    empty = [i for i, (t, _) in enumerate(rows, start=1) if not t.strip()]
-    if empty:
-        raise DataError(f"{path}: example {empty[0]} has empty text.")
-    return rows
-
-
+@with_shared_docs
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig(TrainArgs):
     """A fine-tuning run: the shared training arguments (see ``TrainArgs``) and these. The step

@@ -11,7 +11,6 @@ the context's characters.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -20,72 +19,13 @@ from pathlib import Path
 
 import torch
 
+from triform.data.readers import QAExample
 from triform.errors import DataError
 from triform.models.encoder import best_span
 from triform.objectives.finetune import SpanExtraction, Tagging
 from triform.objectives.masked_lm import IGNORE
 from triform.tokenizers.wordpiece import WordPieceTokenizer
 from triform.training.finetune import FinetuneConfig, encoder_for_task, finetune_fit
-
-
-def read_conll(path: str) -> list[tuple[list[str], list[str]]]:
-    """Sentences as (tokens, tags) from a CoNLL-style file (token first, tag last on each line)."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path} does not exist.")
-    sentences, tokens, tags = [], [], []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines() + [""], start=1):
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if tokens:
-                sentences.append((tokens, tags))
-                tokens, tags = [], []
-            continue
-        parts = line.split()
-        if len(parts) < 2:
-            raise DataError(f"{path}:{n} needs a token and a tag separated by whitespace.")
-        tokens.append(parts[0])
-        tags.append(parts[-1])
-    if not sentences:
-        raise DataError(f"{path} holds no sentences.")
-    return sentences
-
-
-@dataclass
-class QAExample:
-    qid: str
-    question: str
-    context: str
-    answer: str
-    start: int  # character offset of the answer in the context
-
-
-def read_squad(path: str) -> list[QAExample]:
-    """Examples from a SQuAD-style JSON file; an answer that is not at its stated place is an error."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{path} does not exist.")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))["data"]
-        out = []
-        for article in data:
-            for para in article["paragraphs"]:
-                ctx = para["context"]
-                for qa in para["qas"]:
-                    ans = qa["answers"][0]
-                    start, text = int(ans["answer_start"]), ans["text"]
-                    if not text or start < 0 or ctx[start : start + len(text)] != text:
-                        raise DataError(
-                            f"{path}: question {qa.get('id', '?')!r} has an answer span outside its context "
-                            f"(answer_start {start} does not point at {text!r})."
-                        )
-                    out.append(QAExample(str(qa.get("id", len(out))), qa["question"], ctx, text, start))
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
-        if isinstance(exc, DataError):
-            raise
-        raise DataError(f"{path} is not SQuAD-style JSON ({type(exc).__name__}: {exc}).") from None
-    if not out:
-        raise DataError(f"{path} holds no questions.")
-    return out
 
 
 class Tagger:

@@ -96,22 +96,28 @@ def _set_rng_state(rng: BatchRng, state: dict[str, Any]) -> None:
 RUN_FILES = (CHECKPOINT_DIR, "metrics.jsonl", "loss.png")
 
 
-def claim_run_dir(out_dir: Path | str, *, command: str, resume: bool = False, overwrite: bool = False) -> Path:
-    """Make ``out_dir`` ready for a training run of ``command`` before any slow work starts.
-
-    A new or empty folder is used. A folder with files triform did not write is refused (unless
-    ``overwrite``). A folder that already holds a run is refused unless the run is being resumed,
-    or ``overwrite`` asks to start again — then its checkpoint, metrics and plot are removed (and
-    nothing else in the folder). A resumed run's folder is checked by loading its checkpoint."""
+def check_run_dir(out_dir: Path | str, *, command: str, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse ``out_dir`` for a new training run of ``command`` before any slow work starts, touching
+    nothing: a folder with files triform did not write (unless ``overwrite``), or one that already
+    holds a run (unless ``overwrite``; ``resume`` continues it instead)."""
     out = Path(out_dir)
     if resume:
-        return out
+        return  # the run's checkpoint is checked by loading it
     check_output_dir(out, command=command, overwrite=overwrite)
-    has_run = out.is_dir() and any((out / name).exists() for name in RUN_FILES)
-    if has_run and not overwrite:
+    if out.is_dir() and not overwrite and any((out / name).exists() for name in RUN_FILES):
         what = "a training run" if is_own_output(out, command) else "output of another command"
         raise ConfigError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to start again.")
-    if has_run:
+
+
+def claim_run_dir(out_dir: Path | str, *, command: str, resume: bool = False, overwrite: bool = False) -> Path:
+    """Make ``out_dir`` the folder of a training run of ``command`` (see ``check_run_dir``): a new or
+    empty folder is created and marked; with ``overwrite`` an earlier run's checkpoint, metrics and
+    plot are removed first (and nothing else in the folder)."""
+    out = Path(out_dir)
+    check_run_dir(out, command=command, resume=resume, overwrite=overwrite)
+    if resume:
+        return out
+    if out.is_dir():
         import shutil
 
         for name in RUN_FILES:

@@ -22,12 +22,13 @@ from triform.errors import ConfigError
 from triform.models.decoder import DecoderLM
 from triform.objectives.causal_lm import CausalLM
 from triform.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
-from triform.training.args import TrainArgs, check_choice, check_positive_int
-from triform.training.loop import FitResult, claim_run_dir, fit
+from triform.training.args import TrainArgs, check_choice, check_positive_int, with_shared_docs
+from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
 TrainResult = FitResult
 
 
+@with_shared_docs
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(TrainArgs):
     """One decoder training run: the shared training arguments (see ``TrainArgs``) and the data.
@@ -98,7 +99,8 @@ def train(
     saves a resumable checkpoint before exiting.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    out = claim_run_dir(out_dir, command="train", resume=resume, overwrite=overwrite)
+    out = Path(out_dir)
+    check_run_dir(out, command="train", resume=resume, overwrite=overwrite)
     if resume:
         # The saved run's own settings are used, so a bare `--resume` continues bit-exactly.
         model, tokenizer, meta = load_checkpoint(out)
@@ -131,6 +133,7 @@ def train(
         f"corpus {corpus.name}: {train_ids.numel():,} train / {val_ids.numel():,} val tokens"
     )
     meta = {"train": {**dataclasses.asdict(cfg), "preset": preset, "context": context}, "objective": "causal"}
+    claim_run_dir(out, command="train", resume=resume, overwrite=overwrite)
     result = fit(model, objective, cfg, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume,
                  stop_after=stop_after, title=f"{preset} on {corpus.name}", log=say)
     result.extra.update({"context": context, "tokens_per_step": cfg.batch_size * context})
