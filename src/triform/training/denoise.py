@@ -30,9 +30,6 @@ from triform.tokenizers.byte import ByteTokenizer, denoising_tokenizer
 from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
-DENOISING_OBJECTIVES = ("span", "prefix-lm", "ul2")
-
-
 @dataclass
 class DenoiseResult(FitResult):
     """A denoising run's result: the loop's, plus the model family and its size."""

@@ -325,9 +325,11 @@ def fit(
 
     eval_set = list(objective.eval_batches(final=False))
     final_set = list(objective.eval_batches(final=True))
-    metrics_file = out / "metrics.jsonl" if out is not None else None
+    metrics = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        # opened once, line-buffered: each record reaches the file as it is written, without an open per step
+        metrics = open(out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed before returning)
     t0 = time.perf_counter()
     eval_seconds = 0.0
 
@@ -335,9 +337,8 @@ def fit(
         return time.perf_counter() - t0
 
     def write(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            with open(metrics_file, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
 
     def checkpoint() -> None:
         if out is None:
@@ -433,6 +434,8 @@ def fit(
     if out is not None:
         plot_losses(out / "loss.png", losses, evals, title)
     seconds = elapsed()
+    if metrics is not None:
+        metrics.close()
     return FitResult(
         steps=step, train_losses=losses, evals=evals, final=final, seconds=seconds, train_seconds=train_seconds,
         eval_seconds=eval_seconds, tokens=tokens, precision=precision.name, out_dir=out,

@@ -25,9 +25,6 @@ from triform.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
 from triform.training.args import TrainArgs, check_choice, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
-TrainResult = FitResult
-
-
 @with_shared_docs
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig(TrainArgs):
