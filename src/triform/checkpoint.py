@@ -131,9 +131,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors to store: tied output weights once, everything contiguous."""
-    state = model.state_dict()
+def model_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors to store (``state``: its state dict gathered elsewhere, e.g. from FSDP
+    shards): tied output weights once, everything contiguous."""
+    state = dict(model.state_dict() if state is None else state)
     if getattr(model.cfg, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -141,10 +142,11 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     path: Path, model: nn.Module, tokenizer: Tokenizer, *, trainer_state: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename). The model's kind
-    (and an encoder's head) are recorded from the registry; ``extra`` adds run metadata."""
+    (and an encoder's head) are recorded from the registry; ``extra`` adds run metadata; ``state``
+    replaces ``model.state_dict()`` (a full state dict gathered from shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -155,7 +157,7 @@ def save_checkpoint(
     head = _encoder_head(model) if kind.name == "encoder" else {}
     meta = {"format": FORMAT, "version": 1, "kind": kind.name, **head, "model": model.cfg.to_dict(), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file(model_state(model), str(tmp / "model.safetensors"))
+    save_file(model_state(model, state), str(tmp / "model.safetensors"))
     tokenizer.save(tmp)
     if trainer_state is not None:
         torch.save(trainer_state, tmp / "trainer_state.pt")

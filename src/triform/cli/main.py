@@ -57,7 +57,11 @@ class Parser(ArgumentParser):
         key = re.search(r'Parser key "([\w.]+)"', text)
         expected = re.search(r"Expected a <class '(\w+)'>", text)
         value = re.search(r"(?:Got|Given) value: (.*?)(?: Given value type|$)", text)
-        if key and expected and value:
+        literal = re.search(r"Expected a typing\.Literal\[(.*?)\]", text)
+        if key and literal and value:
+            choices = ", ".join(c.strip().strip("'\"") for c in literal.group(1).split(","))
+            text = f"--{key.group(1).replace('_', '-')} must be one of {choices}, got {value.group(1)!r}"
+        elif key and expected and value:
             flag = "--" + key.group(1).replace("_", "-")
             text = f"{flag} expects {TYPE_WORDS.get(expected.group(1), expected.group(1))}, got {value.group(1)!r}"
         else:
@@ -190,9 +194,14 @@ def _dispatch(command: str, args: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, dispatch, and turn user errors into one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # torchrun's own options, parsed by torchrun's parser
+        from triform.cli.launch import main as launch
+
+        return launch(argv[1:])
     parser = build_parser()
     try:
-        ns = parser.parse_args(normalize_argv(sys.argv[1:] if argv is None else list(argv)))
+        ns = parser.parse_args(normalize_argv(argv))
     except SystemExit as exc:
         if exc.code == 2:  # a parser error, already printed as one line
             return 2
@@ -201,8 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ns[command].as_dict()
     args.pop("config", None)
     args.pop("__path__", None)
+    rank = os.environ.get("RANK", "0")
+    if command in CONFIGS and rank not in ("", "0"):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (under torchrun rank 0 alone reports results)
+    ok = False
     try:
         _dispatch(command, args)
+        ok = True
     except TriformError as exc:
         print(f"triform {command}: error: {exc}", file=sys.stderr)
         return 2
@@ -211,8 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit when piped into `head`
+        ok = True
         return 0
+    finally:
+        _leave_process_group(ok)
     return 0
+
+
+def _leave_process_group(ok: bool) -> None:
+    """Under torchrun, leave the process group before exiting (a barrier first when all went well)."""
+    if "torch" in sys.modules:
+        from triform.training.distributed import shutdown
+
+        shutdown(ok)
 
 
 if __name__ == "__main__":

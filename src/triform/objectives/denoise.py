@@ -175,7 +175,8 @@ def example_batch(task: DenoisingTask, windows: list[list[int]], rng: random.Ran
 def batch_logits(model: nn.Module, batch: dict[str, Tensor] | Batch, *, causal: bool = False) -> Tensor:
     """Logits (B, T, V) for a batch built by ``example_batch``: an encoder-decoder reads the source
     with its encoder; a decoder reads inputs + targets with a bidirectional prefix (unless ``causal``)."""
-    if isinstance(model, Seq2Seq):
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # a DDP wrapper
+    if isinstance(net, Seq2Seq):
         return model(batch["source"], batch["decoder_input"], source_mask=batch["source_mask"])
     return model(batch["tokens"], prefix_lengths=None if causal else batch["prefix_lengths"])
 

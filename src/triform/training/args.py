@@ -65,8 +65,9 @@ class TrainArgs:
     """Arguments of the one training loop, shared by every training command.
 
     Args:
-        batch_size: Sequences (or examples) per optimizer step, split over grad_accum micro-batches.
-        grad_accum: Micro-batches per optimizer step; losses are summed and divided by the step's
+        batch_size: Sequences (or examples) per optimizer step over all ranks (the global batch),
+            split into grad_accum micro-batches on each of torchrun's processes.
+        grad_accum: Micro-batches per optimizer step on each rank; losses are summed and divided by the step's
             total token count, so the gradient equals one large batch's.
         lr: Peak learning rate of AdamW.
         min_lr: Learning rate at the end of the cosine decay (default lr / 10).
@@ -86,6 +87,11 @@ class TrainArgs:
             CPU or GPU runs it faster, else float32), "float32" or "bfloat16". Weights and
             optimizer state stay float32.
         progress: Show a progress bar.
+        parallel: Under torchrun: "auto" (DDP when there is more than one process), "ddp"
+            (DistributedDataParallel), "fsdp" (FSDP2, parameters, gradients and optimizer state
+            sharded over the ranks) or "none" (a single process only).
+        backend: Process-group backend under torchrun: "auto" (NCCL on CUDA, gloo on CPU), "gloo" or "nccl".
+        dist_timeout: Seconds a rank waits for the others (joining, or in a collective) before giving up.
     """
 
     batch_size: int = 16
@@ -105,6 +111,9 @@ class TrainArgs:
     device: str = "auto"
     precision: Precision = "auto"
     progress: bool = True
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval"):
@@ -113,6 +122,16 @@ class TrainArgs:
         check_positive_int("warmup_steps", self.warmup_steps, allow_none=True, minimum=0)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}.")
+        world = self.world_size
+        if world > 1 and self.batch_size % (self.grad_accum * world):
+            raise ConfigError(
+                f"batch_size {self.batch_size} (the global batch) does not split over {world} ranks x "
+                f"{self.grad_accum} micro-batches (grad_accum); use a multiple of {self.grad_accum * world}."
+            )
+        check_choice("parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
+        check_choice("backend", self.backend, ("auto", "gloo", "nccl"))
+        if not _is_number(self.dist_timeout) or not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}.")
         if not _is_number(self.lr) or not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr!r}.")
         if self.min_lr is not None and (not _is_number(self.min_lr) or not 0 <= self.min_lr <= self.lr):
@@ -139,8 +158,20 @@ class TrainArgs:
         return False
 
     @property
+    def world_size(self) -> int:
+        """Processes sharing each step: torchrun's WORLD_SIZE, 1 outside torchrun."""
+        from triform.training.distributed import env_world_size
+
+        return env_world_size()
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step over all ranks: grad_accum x world size."""
+        return self.grad_accum * self.world_size
+
+    @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
+        return self.batch_size // self.micro_batches
 
     @property
     def final_lr(self) -> float:
@@ -153,11 +184,31 @@ class TrainArgs:
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
+    def saved_fields(self) -> dict[str, Any]:
+        """What a checkpoint records of this config: every field, and the world size it ran at."""
+        return {**dataclasses.asdict(self), "world_size": self.world_size}
+
+    def launch_settings(self) -> dict[str, Any]:
+        """The fields that describe how this process was launched rather than the run itself; a
+        resumed run takes them from the new command line."""
+        return {"progress": self.progress, "parallel": self.parallel, "backend": self.backend,
+                "dist_timeout": self.dist_timeout}
+
     @classmethod
     def from_saved(cls, saved: dict[str, Any], **changes: Any) -> TrainArgs:
-        """The config a checkpoint recorded (fields it does not know are dropped), with ``changes``."""
+        """The config a checkpoint recorded (fields it does not know are dropped), with ``changes``.
+        At another world size grad_accum is rescaled so every step still has the same micro-batches
+        (the same stream of batches continues); a world size that cannot split them is refused."""
         names = cls.field_names()
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+        from triform.training.distributed import env_world_size
+
+        micro = int(kw.get("grad_accum", 1)) * int(saved.get("world_size", 1))
+        world = env_world_size()
+        if micro % world:
+            raise ConfigError(f"this run takes {micro} micro-batches per step, which {world} ranks cannot share "
+                              f"equally; resume it on a number of ranks that divides {micro}.")
+        kw["grad_accum"] = micro // world
         return cls(**{**kw, **changes})
 
 

@@ -9,8 +9,6 @@ The objective lives in ``triform.objectives.denoise``; the run is the one loop's
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from triform.models.decoder import DecoderLM
 from triform.models.encoder_decoder import Seq2Seq
 from triform.objectives.denoise import OBJECTIVES, ByteWindows, Denoising, DenoisingTask, task_for
 from triform.tokenizers.byte import ByteTokenizer, denoising_tokenizer
+from triform.training.distributed import print_main
 from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
@@ -132,7 +131,7 @@ def pretrain_denoiser(
     ``out_dir/checkpoint``."""
     from triform.data.shakespeare import shakespeare_corpus
 
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+    say = log or print_main
     if not resume:
         family_of(preset)  # an unknown preset is refused before the folder is claimed
         if family_of(preset) == "seq2seq" and cfg.objective == "causal":
@@ -143,7 +142,7 @@ def pretrain_denoiser(
         model, tok, meta = load_checkpoint(out, kind=("seq2seq", "decoder"))
         saved = dict(meta.get("train", {}))
         preset = meta.get("preset", preset)
-        cfg = DenoiseConfig.from_saved(saved, progress=cfg.progress)  # type: ignore[assignment]
+        cfg = DenoiseConfig.from_saved(saved, **cfg.launch_settings())  # type: ignore[assignment]
     family = family_of(preset)
     if family == "seq2seq" and cfg.objective == "causal":
         raise ConfigError("objective causal trains decoder presets; an encoder-decoder needs span, prefix-lm or ul2.")
@@ -169,7 +168,7 @@ def pretrain_denoiser(
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{cfg.objective} on a {n_params / 1e6:.2f}M-parameter {family} ({preset})")
     meta = {"objective": cfg.objective, "preset": preset,
-            "train": {**dataclasses.asdict(cfg), "mixture_weights": list(cfg.mixture_weights) if cfg.mixture_weights else None}}
+            "train": {**cfg.saved_fields(), "mixture_weights": list(cfg.mixture_weights) if cfg.mixture_weights else None}}
     claim_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     result = fit(model, objective, cfg, out_dir=out, tokenizer=tok, meta=meta, resume=resume, stop_after=stop_after,
                  title=f"{cfg.objective} ({family}) on {corpus.name}", log=say)

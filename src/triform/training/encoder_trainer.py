@@ -8,8 +8,6 @@ pair objectives); the byte tokenizer's <bos>, <eos>, <mask> and <pad> serve as [
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from triform.errors import ConfigError
 from triform.models.encoder import EncoderForPreTraining, student_from_teacher
 from triform.objectives.masked_lm import ByteEncoderInputs, Distillation, MaskedLM
 from triform.tokenizers.byte import ByteTokenizer
+from triform.training.distributed import print_main
 from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
@@ -87,14 +86,14 @@ def pretrain(
     continues a run in ``out_dir`` bit-exactly with its saved configuration."""
     from triform.data.shakespeare import shakespeare_corpus
 
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+    say = log or print_main
     out = Path(out_dir)
     check_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     if resume:
         model, tok, meta = load_checkpoint(out, kind="encoder")
         saved = dict(meta.get("train", {}))
         preset = saved.pop("preset", preset)
-        cfg = PretrainConfig.from_saved(saved, progress=cfg.progress)  # type: ignore[assignment]
+        cfg = PretrainConfig.from_saved(saved, **cfg.launch_settings())  # type: ignore[assignment]
     torch.manual_seed(cfg.seed)
     corpus: Corpus = shakespeare_corpus() if cfg.data is None else load_corpus(cfg.data)
     if not resume:
@@ -121,7 +120,7 @@ def pretrain(
             model = EncoderForPreTraining(mcfg, pair_head=cfg.objective in ("mlm+nsp", "mlm+sop"))
         objective = MaskedLM(train_data, val_data, objective=cfg.objective, batch_size=micro,
                              static_masks=cfg.static_masks, seed=cfg.seed, eval_batches=cfg.eval_batches)
-    meta = {"objective": cfg.objective, "train": {**dataclasses.asdict(cfg), "preset": preset}}
+    meta = {"objective": cfg.objective, "train": {**cfg.saved_fields(), "preset": preset}}
     claim_run_dir(out, command="pretrain", resume=resume, overwrite=overwrite)
     return fit(model, objective, cfg, out_dir=out, tokenizer=tok, meta=meta, resume=resume, stop_after=stop_after,
                title=f"{cfg.objective} on {corpus.name}", log=say)

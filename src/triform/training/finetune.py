@@ -9,7 +9,6 @@ Token tagging and question answering (``finetune_tasks``) share ``FinetuneConfig
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from triform.objectives.finetune import Classification
 from triform.tokenizers.base import Tokenizer
 from triform.tokenizers.byte import ByteTokenizer
 from triform.tokenizers.wordpiece import EncodedBatch, WordPieceTokenizer
+from triform.training.distributed import print_main
 from triform.training.args import TrainArgs, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, fit
 
@@ -102,7 +102,7 @@ class FinetuneConfig(TrainArgs):
 
     def steps_for(self, n: int) -> int:
         """Optimizer steps for ``n`` training examples: epochs of them, bounded by max_steps."""
-        steps = -(-n // self.micro_batch_size) * self.epochs // self.grad_accum
+        steps = -(-n // self.micro_batch_size) * self.epochs // self.micro_batches
         return max(1, steps if self.max_steps is None else min(self.max_steps, steps))
 
 
@@ -131,7 +131,7 @@ def encoder_for_task(base: str, task: str, n_labels: int, dropout: float) -> tup
 def finetune_fit(model: nn.Module, objective: Any, cfg: FinetuneConfig, n: int, tokenizer: Tokenizer, *,
                  out_dir: Path | str | None, meta: dict[str, Any], log: Callable[[str], None] | None = None) -> FitResult:
     """Run the one loop for a fine-tuning objective over ``n`` examples (epochs → steps)."""
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+    say = log or print_main
     return fit(model, objective, cfg.replace(max_steps=cfg.steps_for(n)), out_dir=out_dir, tokenizer=tokenizer,
                meta={**meta, "train": {k: v for k, v in cfg.__dict__.items()}}, title=f"{objective.name} fine-tuning", log=say)
 

@@ -4,9 +4,7 @@ objective, handed to the one loop (``triform.training.loop.fit``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from triform.errors import ConfigError
 from triform.models.decoder import DecoderLM
 from triform.objectives.causal_lm import CausalLM
 from triform.tokenizers import BPETokenizer, ByteTokenizer, Tokenizer
+from triform.training.distributed import print_main
 from triform.training.args import TrainArgs, check_choice, check_positive_int, with_shared_docs
 from triform.training.loop import FitResult, check_run_dir, claim_run_dir, fit
 
@@ -95,7 +94,7 @@ def train(
     saved checkpoint then continues with ``resume=True`` exactly as if never stopped. Ctrl-C also
     saves a resumable checkpoint before exiting.
     """
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+    say = log or print_main
     out = Path(out_dir)
     check_run_dir(out, command="train", resume=resume, overwrite=overwrite)
     if resume:
@@ -103,7 +102,7 @@ def train(
         model, tokenizer, meta = load_checkpoint(out)
         saved = dict(meta.get("train", {}))
         preset = saved.pop("preset", preset)
-        cfg = TrainConfig.from_saved(saved, progress=cfg.progress)  # type: ignore[assignment]
+        cfg = TrainConfig.from_saved(saved, **cfg.launch_settings())  # type: ignore[assignment]
         say(f"resuming {out} with its saved configuration")
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(cfg.data)
@@ -129,7 +128,7 @@ def train(
         f"d={model_cfg.stack.d_model}, context {context}; tokenizer {tokenizer.kind} ({tokenizer.vocab_size} ids); "
         f"corpus {corpus.name}: {train_ids.numel():,} train / {val_ids.numel():,} val tokens"
     )
-    meta = {"train": {**dataclasses.asdict(cfg), "preset": preset, "context": context}, "objective": "causal"}
+    meta = {"train": {**cfg.saved_fields(), "preset": preset, "context": context}, "objective": "causal"}
     claim_run_dir(out, command="train", resume=resume, overwrite=overwrite)
     result = fit(model, objective, cfg, out_dir=out, tokenizer=tokenizer, meta=meta, resume=resume,
                  stop_after=stop_after, title=f"{preset} on {corpus.name}", log=say)
