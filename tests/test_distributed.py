@@ -143,6 +143,31 @@ def test_two_launches_form_one_run_like_two_nodes(tmp_path: Path, corpus_file: P
     assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b)) <= TOL
 
 
+def test_pretrain_and_finetune_run_under_torchrun(tmp_path: Path, corpus_file: Path) -> None:
+    launch = [sys.executable, "-m", "triform", "launch", "--standalone", "--nproc-per-node", "2"]
+    pre = subprocess.run([*launch, "pretrain", "--data", str(corpus_file), "--out", str(tmp_path / "mlm"), "--context", "32",
+                          "--batch-size", "8", "--max-steps", "3", "--parallel", "fsdp", "--progress", "false"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert pre.returncode == 0, pre.stderr[-2000:]
+    assert pre.stdout.count("pretrained 3 steps") == 1 and "fsdp over 2 ranks" in pre.stderr
+    assert "returned a view tensor" not in pre.stderr
+    rows = [{"text": f"The {w} will speak of love.", "label": "royal" if w in ("king", "queen") else "noble"}
+            for w in ["king", "queen", "lord", "lady"] * 12]
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in rows))
+    ft = subprocess.run([*launch, "finetune", "--task", "classify", "--train", str(train), "--test", str(train),
+                         "--base", str(tmp_path / "mlm"), "--epochs", "2", "--batch-size", "16",
+                         "--out", str(tmp_path / "ft"), "--progress", "false"],
+                        env=_env(), capture_output=True, text=True, timeout=300)
+    assert ft.returncode == 0, ft.stderr[-2000:]
+    assert "ddp over 2 ranks" in ft.stderr and ft.stdout.count("test accuracy") == 1
+    # 48 examples, 2 epochs, global batch 16 over 2 ranks: 6 steps, as in one process
+    steps = [r for r in _train_lines(tmp_path / "ft")]
+    assert len(steps) == 6
+    model, _, meta = load_checkpoint(tmp_path / "ft", kind="encoder")
+    assert meta["labels"] == ["noble", "royal"]
+
+
 def _pids_with(marker: str, rank: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -265,6 +265,10 @@ def wrap(model: nn.Module, world: World, device: torch.device, *, probe: Any = N
     if n < FSDP_SMALL:
         say(f"warning: FSDP shards a {n / 1e6:.1f}M-parameter model over {world.size} ranks; at this size it saves "
             "little memory and adds communication every layer, so --parallel ddp is usually faster.")
+    import warnings
+
+    # our objectives read a model's outputs without modifying them in place, which is what this warns of
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world.size,))
     blocks = _blocks(model)
     encoder = getattr(getattr(model, "cfg", None), "share_layers", False)
