@@ -69,6 +69,14 @@ def main() -> None:
                           log=lambda _: None)
             entry["resumed"] = resumed.train_losses
             results[case][parallel] = entry
+    # accumulation on each rank: global batch 8 as 2 ranks x 2 micro-batches of 2 (no_sync / FSDP2's
+    # deferred reduce-scatter on all but the last)
+    make_model, make_objective, tok = CASES["causal"]
+    results["causal-accum"] = {}
+    for parallel in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        run = fit(make_model(), make_objective(2), args(parallel).replace(batch_size=8, grad_accum=2), log=lambda _: None)
+        results["causal-accum"][parallel] = {"losses": run.train_losses, "final": run.final}
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
 

@@ -85,6 +85,17 @@ def test_ddp_and_fsdp_follow_one_process_accumulating_the_same_batches(driven, c
     assert single.train_losses[-1] < single.train_losses[0]
 
 
+def test_accumulating_on_every_rank_follows_one_process(driven) -> None:
+    """2 ranks x 2 micro-batches (DDP's no_sync, FSDP2's deferred gradient sync) = 1 process x 4."""
+    _, results = driven
+    make_model, make_objective, tok = CASES["causal"]
+    torch.manual_seed(0)
+    single = fit(make_model(), make_objective(2), _one_process("causal", batch_size=8, grad_accum=4), log=lambda _: None)
+    for parallel in ("ddp", "fsdp"):
+        got = results["causal-accum"][parallel]["losses"]
+        assert len(got) == 6 and max(abs(a - b) for a, b in zip(got, single.train_losses)) <= TOL, parallel
+
+
 @pytest.mark.parametrize("case", DRIVEN)
 def test_ranks_hold_identical_parameters(driven, case: str) -> None:
     out, _ = driven

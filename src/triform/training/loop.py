@@ -167,9 +167,14 @@ def accumulate_gradients(
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
     sync = getattr(model, "no_sync", None)
+    fsdp_sync = getattr(model, "set_requires_gradient_sync", None)
     for i, b in enumerate(batches):
-        # DDP: reduce gradients once, on the last micro-batch (nanoGPT's require_backward_grad_sync)
-        ctx = sync() if sync is not None and i < len(batches) - 1 else nullcontext()
+        last = i == len(batches) - 1
+        # reduce gradients once, on the last micro-batch: DDP's no_sync (nanoGPT's
+        # require_backward_grad_sync); FSDP2 keeps unsharded gradients until the last one
+        ctx = sync() if sync is not None and not last else nullcontext()
+        if fsdp_sync is not None:
+            fsdp_sync(last)
         with ctx:
             with autocast(device, amp_dtype):
                 sums = objective.loss(model, b)
