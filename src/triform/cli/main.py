@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from triform.cli import checkpoints, encoders, generation, training
+from triform.cli.inspect import inspect as inspect_model
 from triform.cli.common import WEIGHT_MODES
 from triform.config import StackConfig
 from triform.errors import ConfigError, TriformError
@@ -35,14 +36,15 @@ ModelOverrides.__doc__ = "Model fields that replace the preset's (any StackConfi
 COMMANDS: dict[str, Callable[..., None]] = {
     "train": training.train, "generate": generation.generate, "chat": generation.chat, "eval": checkpoints.evaluate,
     "convert": checkpoints.convert, "presets": checkpoints.presets, "embed": encoders.embed, "search": encoders.search,
-    "pretrain": training.pretrain, "fill": encoders.fill, "finetune": training.finetune,
+    "pretrain": training.pretrain, "fill": encoders.fill, "finetune": training.finetune, "inspect": inspect_model,
 }
 CONFIGS: dict[str, type] = {"train": training.TrainConfig, "pretrain": training.PretrainFlags, "finetune": training.FinetuneConfig}
 
-LIST_FLAGS = {"stop"}
+LIST_FLAGS = {"stop", "token"}
 OPTIONAL_POSITIONALS = {
     "generate": {"prompt": "The text to continue (or use --prompts FILE)."},
     "search": {"query": "What to look for (without it, only build the index)."},
+    "inspect": {"checkpoint": "A triform checkpoint or run folder, a Hugging Face folder or a GGUF file."},
 }
 
 

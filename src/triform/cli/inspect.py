@@ -1,0 +1,113 @@
+"""``triform inspect ANALYSIS [CHECKPOINT]``: look inside a model. Each analysis prints a table and
+writes its pictures into ``--out``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from triform.errors import ConfigError
+
+ANALYSES = ("anatomy", "neighbours")
+
+
+def _out_dir(out: str, overwrite: bool) -> Path:
+    from triform.output_dir import claim_output_dir
+
+    return claim_output_dir(Path(out), command="inspect", overwrite=overwrite)
+
+
+def _model(checkpoint: str | None, preset: str | None, trust_pickle: bool):
+    from triform.inspect.load import load_model, preset_model
+
+    if checkpoint is None and preset is None:
+        raise ConfigError("give a CHECKPOINT (triform checkpoint, HF folder or GGUF file) or --preset NAME.")
+    if checkpoint is not None and preset is not None:
+        raise ConfigError("give a CHECKPOINT or --preset, not both.")
+    if preset is not None:
+        return preset_model(preset), None, preset
+    model, tokenizer, _ = load_model(checkpoint, trust_pickle=trust_pickle)
+    return model, tokenizer, str(checkpoint)
+
+
+def _anatomy(model, name: str, out: Path, vocab_sizes: list[int]) -> None:
+    from triform.inspect.anatomy import anatomy, expected
+
+    a = anatomy(model)
+    s = a.shape
+    print(f"{name}: d={s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads ({s['n_kv_heads']} key/value) of "
+          f"{s['head_dim']}, FFN {s['d_ff']}, vocabulary {s['vocab_size']:,}")
+    print()
+    print(a.table())
+    print()
+    cats = a.by_category()
+    checks = expected(model)
+    bad = {k: (cats.get(k, 0), v) for k, v in checks.items() if cats.get(k, 0) != v}
+    if bad:
+        raise ConfigError(f"the anatomy disagrees with the formulas for {', '.join(bad)}: {bad}.")
+    print("formulas (d, h heads, g key/value heads of d_h, FFN f, L stored layers): E = V·e, W_Q = L·d·h·d_h, "
+          "W_K = W_V = L·d·g·d_h, W_O = L·h·d_h·d, FFN = L·(k+1)·d·f (+ biases) — all equal to the tensors.")
+    per_head = a.per_head()
+    print("one head: " + ", ".join(f"{k} {v:,}" for k, v in per_head.items()) + " weights")
+    stacks = ", ".join(f"{n} {stack or 'blocks'}" for stack, n in a.stacks.items())
+    print(f"stored layers: {stacks}")
+    e_now = cats.get("token embedding (E)", 0)
+    width = e_now // max(s["vocab_size"], 1)
+    untied = cats.get("unembedding", 0)
+    rest = a.total - e_now - untied
+    rows = []
+    for v in vocab_sizes:
+        e = v * width
+        total = rest + e * (2 if untied else 1)
+        rows.append(f"V={v:,}: {100 * e / total:.1f}%")
+    print("E's share at other vocabulary sizes (the same shape, E resized): " + "; ".join(rows))
+    path = a.plot(out / "anatomy.png", title=f"{name}: {a.total:,} parameters")
+    print(f"picture: {path}")
+
+
+def _neighbours(model, tokenizer, name: str, out: Path, tokens: list[str], k: int) -> None:
+    from triform.inspect.geometry import neighbours, pca_map, untied_agreement
+
+    if tokenizer is None:
+        raise ConfigError("neighbours needs a checkpoint (a preset has no trained embeddings).")
+    for t in tokens:
+        found = neighbours(model, tokenizer, t, k)
+        print(f"nearest to [{t}] by cosine: " + ", ".join(f"[{n.label}] {n.cosine:.3f}" for n in found))
+    agreement = untied_agreement(model)
+    if agreement is not None:
+        print(f"E vs the untied unembedding U: mean cosine of a token's two rows {agreement['mean_cosine']:.3f}; "
+              f"their 10 nearest neighbours overlap {100 * agreement['neighbour_overlap']:.0f}%")
+    path = pca_map(model, tokenizer, out / "embeddings.png", title=f"{name}: token embeddings, first two components")
+    print(f"picture: {path}")
+
+
+def inspect(
+    analysis: str, checkpoint: str | None = None, preset: str | None = None, token: list[str] | None = None,
+    k: int = 10, vocab_sizes: list[int] | None = None, out: str = "inspect", overwrite: bool = False,
+    trust_pickle: bool = False,
+) -> None:
+    """Look inside a model: where its parameters are, and what its embeddings encode.
+
+    Args:
+        analysis: anatomy (parameter counts and shares by category, layer and head, checked against
+            the formulas) or neighbours (nearest tokens by cosine in E, a PCA map of E).
+        checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
+        preset: Instead of a checkpoint, a preset by name (anatomy only; shapes, no weights).
+        token: Tokens whose neighbours to list (repeatable; default: a few common ones).
+        k: How many neighbours.
+        vocab_sizes: Vocabulary sizes at which anatomy reports E's share (default 260, 8192, 50257).
+        out: Folder for the pictures.
+        overwrite: Write into `out` even though it holds other files.
+        trust_pickle: Allow loading pickled (.bin) weights from a HF folder.
+    """
+    if analysis not in ANALYSES:
+        raise ConfigError(f"analysis must be one of {', '.join(ANALYSES)}, got {analysis!r}.")
+    if k < 1:
+        raise ConfigError(f"--k must be a positive integer, got {k}.")
+    model, tokenizer, name = _model(checkpoint, preset, trust_pickle)
+    folder = _out_dir(out, overwrite)
+    if analysis == "anatomy":
+        _anatomy(model, name, folder, vocab_sizes or [260, 8192, 50257])
+    else:
+        if not token and tokenizer is not None:  # a few common tokens this vocabulary has as one token
+            token = [t for t in (" the", "e", "A", "1", " ", ",") if len(tokenizer.encode(t)) == 1][:4]
+        _neighbours(model, tokenizer, name, folder, token or [], k)
