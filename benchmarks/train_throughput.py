@@ -11,10 +11,18 @@ For a GPT-2-shaped and a Llama-shaped config (reduced to fit a small CPU), one f
 
 on the same random token batches, with the same optimizer (``triform.training.optim.build_optimizer``:
 AdamW, identical hyperparameters and decay/no-decay grouping) and the same step function
-(``triform.training.loop.train_step`` with the causal-LM objective; the HF model is wrapped so that it
-returns ``model(input_ids=x, labels=None, use_cache=False).logits`` and the loss is computed by the
-same objective on those logits). Both models must have exactly the same parameter count; the script
-stops if they do not.
+(``triform.training.loop.train_step`` with the causal-LM objective). Both sides compute the same
+loss, the summed next-token cross-entropy over the batch, but each the way its library does:
+
+* triform: ``CausalLM.loss`` calls ``DecoderLM(x, targets=y)``, which in float32 (no autocast) fuses
+  the output projection with the cross-entropy (``triform.layers.fused_ce``: rows in chunks, the
+  (N, V) logits never materialised; the same products, so the same FLOPs); under bf16 autocast it
+  computes ``F.cross_entropy`` on its logits instead;
+* HF: the model is wrapped so that it returns ``model(input_ids=x, labels=None, use_cache=False).logits``
+  and the objective applies ``F.cross_entropy(logits.float(), y, reduction="sum")`` to them, what
+  HF's own ``labels=`` loss computes (transformers has no fused loss of its own in eager mode).
+
+Both models must have exactly the same parameter count; the script stops if they do not.
 
 Precisions: ``float32``, and ``bfloat16`` autocast for both implementations (weights, gradients and
 AdamW state stay float32; matmuls run in bf16). A bf16 row is skipped, and says why, when this

@@ -130,3 +130,21 @@ def test_inspect_cli(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert "needs a checkpoint" in cli_error(capsys, ["inspect", "neighbours", "--preset", "gpt2", "--out", str(tmp_path / "x")])
     assert "give a CHECKPOINT" in cli_error(capsys, ["inspect", "anatomy"])
     assert "unknown preset" in cli_error(capsys, ["inspect", "anatomy", "--preset", "gpt9"])
+
+
+def test_inspect_lens_attention_and_heads_cli(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = "KING:\nThe king will speak of love.\n"
+    assert main(["inspect", "lens", str(trained_run), "--text", text, "--out", str(tmp_path / "l")]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| embed") or line.startswith("| after block")]
+    losses = [float(r.split("|")[2]) for r in rows]
+    assert len(rows) == 1 + 2 and losses[-1] < losses[0]  # the trained model predicts better at its last layer
+    assert main(["inspect", "attention", str(trained_run), "--text", text, "--out", str(tmp_path / "a")]) == 0
+    assert "attention of" in capsys.readouterr().out
+    assert main(["inspect", "heads", str(trained_run), "--out", str(tmp_path / "h")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| L") == 2 * 4  # every head of the 2 x 4 has a row
+    for name in ("l/lens.png", "a/attention.png", "h/heads.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
+    assert "is 2000 tokens, more than" in cli_error(capsys, ["inspect", "lens", str(trained_run), "--text", "x" * 2000,
+                                                             "--out", str(tmp_path / "z")])

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from triform.errors import ConfigError
 
-ANALYSES = ("anatomy", "neighbours")
+ANALYSES = ("anatomy", "neighbours", "lens", "attention", "heads")
+DEFAULT_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
 def _out_dir(out: str, overwrite: bool) -> Path:
@@ -80,21 +81,86 @@ def _neighbours(model, tokenizer, name: str, out: Path, tokens: list[str], k: in
     print(f"picture: {path}")
 
 
+def _labels(tokenizer) -> list[str]:
+    from triform.inspect.geometry import token_label
+
+    return [token_label(tokenizer, i) for i in range(len(tokenizer.token_bytes()))]
+
+
+def _encoded(model, tokenizer, text: str):
+    import torch
+
+    ids = tokenizer.encode(text)
+    limit = model.cfg.stack.max_seq_len if hasattr(model.cfg, "stack") else model.cfg.max_tokens
+    if not ids:
+        raise ConfigError("--text is empty.")
+    if len(ids) > limit:
+        raise ConfigError(f"--text is {len(ids)} tokens, more than the model's {limit}.")
+    return torch.tensor([ids])
+
+
+def _lens(model, tokenizer, name: str, out: Path, text: str) -> None:
+    from triform.inspect.lens import logit_lens, plot_lens
+
+    labels = _labels(tokenizer)
+    lens = logit_lens(model, _encoded(model, tokenizer, text))
+    top = lens.top(1)[:, -1, 0]
+    print(f"logit lens of {name} on {len(lens.tokens)} tokens (row i: the stream after block i, decoded by the final "
+          "norm and output projection; the last row is the model's logits)")
+    print("| layer | loss (nats/token) | top prediction after the text |")
+    print("|---|---:|---|")
+    for i, (loss, t) in enumerate(zip(lens.loss.tolist(), top.tolist())):
+        print(f"| {'embed' if i == 0 else f'after block {i - 1}'} | {loss:.3f} | [{labels[t] if t < len(labels) else t}] |")
+    print(f"picture: {plot_lens(lens, labels, out / 'lens.png', title=f'{name}: logit lens')}")
+
+
+def _attention(model, tokenizer, name: str, out: Path, text: str) -> None:
+    from triform.inspect.heads import patterns, plot_attention
+
+    x = _encoded(model, tokenizer, text)
+    p = patterns(model, x)[:, 0]  # (L, H, T, T)
+    labels = [_labels(tokenizer)[i] for i in x[0].tolist()]
+    print(f"attention of {name}: {p.shape[0]} layers x {p.shape[1]} heads over {p.shape[-1]} tokens")
+    for li in range(p.shape[0]):
+        ent = -(p[li] * p[li].clamp_min(1e-12).log()).sum(-1).mean(-1)
+        print(f"layer {li}: mean entropy per head " + ", ".join(f"{float(e):.2f}" for e in ent) + " nats")
+    print(f"picture: {plot_attention(p, labels, out / 'attention.png', title=f'{name}: attention patterns')}")
+
+
+def _heads(model, tokenizer, name: str, out: Path, seed: int) -> None:
+    from triform.inspect.heads import KINDS, classify_heads
+
+    vocab = len(tokenizer.token_bytes()) if tokenizer is not None else model.cfg.vocab_size
+    n = max(4, min(24, (model.cfg.stack.max_seq_len if hasattr(model.cfg, "stack") else model.cfg.max_tokens) // 2))
+    report = classify_heads(model, vocab=vocab, n=n, seed=seed)
+    print(f"heads of {name} on repeated random sequences of {n} tokens (seed {seed}); a head is named by every "
+          f"template it scores above {report.threshold}")
+    print(report.table())
+    for kind in KINDS:
+        found = report.heads(kind)
+        print(f"{kind} heads: " + (", ".join(f"L{a}H{b}" for a, b in found) or "none"))
+    print(f"picture: {report.plot(out / 'heads.png', title=name)}")
+
+
 def inspect(
     analysis: str, checkpoint: str | None = None, preset: str | None = None, token: list[str] | None = None,
-    k: int = 10, vocab_sizes: list[int] | None = None, out: str = "inspect", overwrite: bool = False,
-    trust_pickle: bool = False,
+    k: int = 10, vocab_sizes: list[int] | None = None, text: str = DEFAULT_TEXT, seed: int = 0,
+    out: str = "inspect", overwrite: bool = False, trust_pickle: bool = False,
 ) -> None:
-    """Look inside a model: where its parameters are, and what its embeddings encode.
+    """Look inside a model: where its parameters are, what its embeddings encode, what its heads attend to.
 
     Args:
         analysis: anatomy (parameter counts and shares by category, layer and head, checked against
-            the formulas) or neighbours (nearest tokens by cosine in E, a PCA map of E).
+            the formulas), neighbours (nearest tokens by cosine in E, a PCA map of E), lens (the
+            logit lens of a decoder on --text), attention (every head's pattern on --text) or heads
+            (previous-token, duplicate-token, induction and first-token scores of every head).
         checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
         preset: Instead of a checkpoint, a preset by name (anatomy only; shapes, no weights).
         token: Tokens whose neighbours to list (repeatable; default: a few common ones).
         k: How many neighbours.
         vocab_sizes: Vocabulary sizes at which anatomy reports E's share (default 260, 8192, 50257).
+        text: The text lens and attention read.
+        seed: Seed of the random sequences heads uses.
         out: Folder for the pictures.
         overwrite: Write into `out` even though it holds other files.
         trust_pickle: Allow loading pickled (.bin) weights from a HF folder.
@@ -107,6 +173,14 @@ def inspect(
     folder = _out_dir(out, overwrite)
     if analysis == "anatomy":
         _anatomy(model, name, folder, vocab_sizes or [260, 8192, 50257])
+    elif analysis in ("lens", "attention", "heads") and tokenizer is None:
+        raise ConfigError(f"{analysis} needs a checkpoint (a preset has no trained weights).")
+    elif analysis == "lens":
+        _lens(model, tokenizer, name, folder, text)
+    elif analysis == "attention":
+        _attention(model, tokenizer, name, folder, text)
+    elif analysis == "heads":
+        _heads(model, tokenizer, name, folder, seed)
     else:
         if not token and tokenizer is not None:  # a few common tokens this vocabulary has as one token
             token = [t for t in (" the", "e", "A", "1", " ", ",") if len(tokenizer.encode(t)) == 1][:4]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from triform.config import StackConfig
-from triform.layers.kernels import BACKENDS
+from triform.layers.hooks import HookScope, hook
+from triform.layers.kernels import BACKENDS, repeat_kv
 from triform.layers.position import RotaryEmbedding
 
 
@@ -61,7 +64,61 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, n, self.head_dim).transpose(1, 2)  # (B, n, T, Dh)
 
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
+
+    def _forward_hooked(self, x: Tensor, inputs: AttentionInputs, memory: Tensor | None) -> Tensor:
+        """``forward`` passing the hook points: q, k, v per head (before and after rotary positions),
+        the scores and pattern (computed explicitly only when a hook asks for them), each head's
+        output z before W_O."""
+        if inputs.attend is not None:
+            raise ValueError("hooks do not run through the paged engine's packed attention; run the model itself.")
+        name = "cross_attn." if self.cross else "attn."
+        b, t, _ = x.shape
+        as_heads = lambda y: y.transpose(1, 2)  # noqa: E731  (B, n, T, Dh) <-> (B, T, n, Dh)
+        if self.cross:
+            assert memory is not None, "cross-attention needs encoder memory"
+            q = self.q(x).view(b, t, self.n_heads, self.head_dim)
+            k, v = (z.view(memory.shape[0], memory.shape[1], self.n_kv_heads, self.head_dim)
+                    for z in self.kv(memory).chunk(2, dim=-1))
+        else:
+            q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv(x).split((q_out, kv_out, kv_out), dim=-1)
+            q = q.view(b, t, self.n_heads, self.head_dim)
+            k, v = (z.view(b, t, self.n_kv_heads, self.head_dim) for z in (k, v))
+        q, k, v = (hook(self, f"{name}hook_{n}", y) for n, y in (("q", q), ("k", k), ("v", v)))
+        q, k, v = as_heads(q), as_heads(k), as_heads(v)
+        if not self.cross and inputs.rope is not None:
+            cos, sin = inputs.rope
+            q = as_heads(hook(self, f"{name}hook_rot_q", as_heads(RotaryEmbedding.rotate(q, cos, sin))))
+            k = as_heads(hook(self, f"{name}hook_rot_k", as_heads(RotaryEmbedding.rotate(k, cos, sin))))
+        if not self.cross and inputs.cache is not None:
+            k, v = inputs.cache.update(self.layer_idx, k, v)
+        scope = self._hook_scope
+        assert scope is not None
+        if scope.wants(f"{name}hook_attn_scores") or scope.wants(f"{name}hook_pattern"):
+            groups = self.n_heads // self.n_kv_heads
+            kk, vv = repeat_kv(k, groups), repeat_kv(v, groups)
+            scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+            scores = torch.matmul(q, kk.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+            if inputs.bias is not None:
+                scores = scores + inputs.bias
+            mask = inputs.mask
+            if inputs.is_causal:
+                mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            scores = hook(self, f"{name}hook_attn_scores", scores)
+            pattern = hook(self, f"{name}hook_pattern", torch.softmax(scores.float(), dim=-1).to(q.dtype))
+            y = torch.matmul(pattern, vv)
+        else:
+            y = self.kernel(q, k, v, mask=inputs.mask, bias=inputs.bias, is_causal=inputs.is_causal,
+                            dropout_p=self.dropout_p if self.training else 0.0, scale=self.scale)
+        z = hook(self, f"{name}hook_z", as_heads(y))  # (B, T, H, Dh)
+        return self.resid_dropout(self.o(z.reshape(b, t, self.n_heads * self.head_dim)))
+
     def forward(self, x: Tensor, inputs: AttentionInputs, memory: Tensor | None = None) -> Tensor:
+        if self._hook_scope is not None:
+            return self._forward_hooked(x, inputs, memory)
         b, t, _ = x.shape
         if self.cross:
             assert memory is not None, "cross-attention needs encoder memory"
@@ -75,11 +132,14 @@ class Attention(nn.Module):
                 k, v = cached
         else:
             q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv(x).split((q_out, kv_out, kv_out), dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
-            if inputs.rope is not None:
+            if inputs.rope is not None:  # q and k rotated together, straight from the projection
+                qk, v = self.qkv(x).split((q_out + kv_out, kv_out), dim=-1)
                 cos, sin = inputs.rope
-                q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+                q, k = RotaryEmbedding.rotate_qk(qk.unflatten(-1, (-1, self.head_dim)), cos, sin, self.n_heads)
+                v = self._heads(v, self.n_kv_heads)
+            else:
+                q, k, v = self.qkv(x).split((q_out, kv_out, kv_out), dim=-1)
+                q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
             if inputs.attend is not None:
                 y = inputs.attend(self.layer_idx, q, k, v, self.kernel)  # (B, Hq, Tq, Dh)
                 return self.resid_dropout(self.o(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)))

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from triform.config import StackConfig
 from triform.layers.attention import Attention, AttentionInputs
 from triform.layers.feedforward import FeedForward
+from triform.layers.hooks import HookScope, hook
 from triform.layers.norm import make_norm
 
 
@@ -29,6 +30,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
+
     def _residual(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
         return x + fn(norm(x)) if self.pre else norm(x + fn(x))
 
@@ -36,8 +39,31 @@ class Block(nn.Module):
         self, x: Tensor, inputs: AttentionInputs, *,
         memory: Tensor | None = None, memory_inputs: AttentionInputs | None = None,
     ) -> Tensor:
+        if self._hook_scope is not None:
+            return self._forward_hooked(x, inputs, memory, memory_inputs)
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, inputs))
         if self.cross_attn is not None:
             assert memory_inputs is not None
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory))
         return self._residual(x, self.ffn_norm, self.ffn)
+
+    def _sublayer(self, x: Tensor, norm: nn.Module, fn, norm_name: str, out_name: str) -> Tensor:
+        """One residual sublayer with its hook points: the norm's output and the sublayer's output."""
+        if self.pre:
+            y = hook(self, out_name, fn(hook(self, f"{norm_name}.hook_normalized", norm(x))))
+            return x + y
+        y = hook(self, out_name, fn(x))
+        return hook(self, f"{norm_name}.hook_normalized", norm(x + y))
+
+    def _forward_hooked(self, x: Tensor, inputs: AttentionInputs, memory: Tensor | None,
+                        memory_inputs: AttentionInputs | None) -> Tensor:
+        """The same computation as ``forward``, passing every hook point of the block."""
+        x = hook(self, "hook_resid_pre", x)
+        x = hook(self, "hook_resid_mid", self._sublayer(x, self.attn_norm, lambda h: self.attn(h, inputs), "ln1",
+                                                        "hook_attn_out"))
+        if self.cross_attn is not None:
+            assert memory_inputs is not None
+            x = hook(self, "hook_resid_cross", self._sublayer(
+                x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory), "ln_cross", "hook_cross_attn_out"))
+        x = self._sublayer(x, self.ffn_norm, self.ffn, "ln2", "hook_mlp_out")
+        return hook(self, "hook_resid_post", x)

@@ -71,10 +71,72 @@ class RotaryEmbedding(nn.Module):
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate x (B, H, T, Dh) by the angles in cos/sin (B, 1, T, Dh/2)."""
-        x1, x2 = x.chunk(2, dim=-1)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """Rotate x (B, H, T, Dh) by the angles in cos/sin (B, 1, T, Dh/2): with x = [x1, x2] split in
+        halves, [x1·cos - x2·sin, x2·cos + x1·sin] (HF's ``q·cos + rotate_half(q)·sin``)."""
+        return _Rotate.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+
+    @staticmethod
+    def rotate_qk(qk: Tensor, cos: Tensor, sin: Tensor, n_q: int) -> tuple[Tensor, Tensor]:
+        """Rotate the query and key heads of one projection in a single pass: qk (B, T, n_q + n_k, Dh)
+        (any strides, e.g. a slice of a fused q/k/v projection), cos/sin (B, 1, T, Dh/2) as from
+        ``tables``. Returns q (B, n_q, T, Dh) and k (B, n_k, T, Dh), transposed views of one buffer."""
+        cos, sin = cos.to(qk.dtype).transpose(1, 2), sin.to(qk.dtype).transpose(1, 2)  # (B, T, 1, Dh/2)
+        q, k = _RotateSplit.apply(qk, cos, sin, n_q)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+
+def _rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> None:
+    """out = R x (or Rᵀ x with ``inverse``), R rotating the pairs (x1[i], x2[i]) of the two halves of
+    the last dimension by the angles of cos/sin (broadcast): four elementwise kernels writing straight
+    into ``out``'s halves, no concatenation and no temporaries."""
+    half = x.shape[-1] // 2
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    s = 1.0 if inverse else -1.0
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=s)  # forward: x1·cos - x2·sin; inverse: x1·cos + x2·sin
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin, value=-s)  # forward: x2·cos + x1·sin; inverse: x2·cos - x1·sin
+
+
+class _Rotate(torch.autograd.Function):
+    """x -> R x; the gradient is Rᵀ g (a rotation by the opposite angles)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # type: ignore[override]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _rotate_into(out, x, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        gx = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+        _rotate_into(gx, g, cos, sin, inverse=True)
+        return gx, None, None
+
+
+class _RotateSplit(torch.autograd.Function):
+    """qk (B, T, n, Dh) -> (R qk[:, :, :n_q], R qk[:, :, n_q:]); the backward writes both gradients
+    into one (B, T, n, Dh) buffer, so no concatenation either way."""
+
+    @staticmethod
+    def forward(ctx, qk: Tensor, cos: Tensor, sin: Tensor, n_q: int):  # type: ignore[override]
+        out = torch.empty(qk.shape, dtype=qk.dtype, device=qk.device)
+        _rotate_into(out, qk, cos, sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.n_q = n_q
+        return out[:, :, :n_q], out[:, :, n_q:]
+
+    @staticmethod
+    def backward(ctx, gq: Tensor, gk: Tensor):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        n_q = ctx.n_q
+        b, t, _, dh = gq.shape
+        g = torch.empty((b, t, n_q + gk.shape[2], dh), dtype=gq.dtype, device=gq.device)
+        _rotate_into(g[:, :, :n_q], gq, cos, sin, inverse=True)
+        _rotate_into(g[:, :, n_q:], gk, cos, sin, inverse=True)
+        return g, None, None, None
 
 
 def alibi_slopes(n_heads: int) -> Tensor:

@@ -8,12 +8,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from triform.config import DecoderConfig
 from triform.layers.cache import ContiguousKVCache, KVCache, RollingKVCache
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
+from triform.layers.hooks import HookScope, enter_block, hook
+from triform.layers.fused_ce import Workspace, linear_cross_entropy
 from triform.layers.masks import decoder_mask, materialize, or_masks, positions_from_padding, prefix_visible
 from triform.layers.norm import make_norm
 from triform.layers.position import ALiBi, LearnedPositions, RotaryEmbedding, SinusoidalPositions
@@ -27,7 +30,16 @@ class DecoderLM(nn.Module):
     padding); ``positions`` may be given explicitly (decode steps), otherwise they count from the
     cache's length. ``prefix_lengths`` (B,) makes the model a prefix-LM: the first P positions of each
     row attend to each other bidirectionally, the rest causally (UL2's S-denoiser on a decoder).
+
+    With ``targets`` (B, T) it returns instead the summed next-token cross-entropy in nats over the
+    targets that are not -100, ``F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+    reduction="sum")``: in float32 without autocast the output projection and the loss are fused
+    (``triform.layers.fused_ce``, the logits are never materialised); otherwise it is exactly that
+    expression on the logits.
     """
+
+    fused_loss = True  # forward accepts targets= (see CausalLM.loss)
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
 
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -49,6 +61,7 @@ class DecoderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.mask_fn = decoder_mask(s.sliding_window)
+        self.loss_workspace = Workspace()  # scratch blocks of the fused head + loss, reused every step
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,22 +147,39 @@ class DecoderLM(nn.Module):
         if positions is None and self.abs_pos is not None and self._cache_length(cache) + tokens.shape[1] > max_len:
             raise ValueError(f"sequence of {self._cache_length(cache) + tokens.shape[1]} tokens exceeds max_seq_len {max_len}")
         positions, inputs = self.attention_inputs(tokens, attention_mask, positions, cache, prefix_lengths)
-        x = self.tok_emb(tokens)  # (B, T, d)
+        if self._hook_scope is not None:
+            if inputs.attend is not None:
+                raise ValueError("hooks do not run through the paged engine's packed attention; run the model itself.")
+            enter_block(self, 0, "")
+        x = hook(self, "hook_embed", self.tok_emb(tokens), in_block=False)  # (B, T, d)
         if self.abs_pos is not None:
-            x = x + self.abs_pos(positions)
+            x = x + hook(self, "hook_pos_embed", self.abs_pos(positions), in_block=False)
         x = self.drop(x)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            enter_block(self, i)
             x = block(x, inputs)
-        return self.norm(x)
+        return hook(self, "ln_final.hook_normalized", self.norm(x), in_block=False)
 
     def forward(
         self, tokens: Tensor, *, attention_mask: Tensor | None = None, positions: Tensor | None = None,
         cache: KVCache | None = None, last_only: bool = False, prefix_lengths: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> Tensor:
         h = self.hidden_states(tokens, attention_mask=attention_mask, positions=positions, cache=cache, prefix_lengths=prefix_lengths)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)  # (B, T, V)
+        if targets is not None:
+            return self.loss_from_hidden(h, targets)
+        return hook(self, "hook_unembed", self.lm_head(h), in_block=False)  # (B, T, V)
+
+    def loss_from_hidden(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy (nats) of the logits of hidden states h (B, T, d) against targets
+        (B, T), -100 ignored; fused with the output projection where that computes the same thing."""
+        w = self.lm_head.weight
+        if h.dtype == w.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+            return linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), workspace=self.loss_workspace)
+        logits = self.lm_head(h)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting tied weights once."""

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from triform.config import EncoderConfig
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
+from triform.layers.hooks import HookScope, enter_block, hook
 from triform.layers.feedforward import _ACTIVATIONS
 from triform.layers.position import LearnedPositions
 
@@ -50,12 +51,15 @@ class EncoderEmbeddings(nn.Module):
         real = real.long()
         return torch.cumsum(real, dim=1) * real + (self.cfg.position_offset - 1)
 
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
+
     def forward(self, tokens: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None) -> Tensor:
-        x = self.word(tokens) + self.position(self.positions(tokens, attention_mask))  # (B, T, E)
+        x = hook(self, "hook_embed", self.word(tokens), in_block=False) + hook(
+            self, "hook_pos_embed", self.position(self.positions(tokens, attention_mask)), in_block=False)  # (B, T, E)
         if self.token_type is not None:
             types = torch.zeros_like(tokens) if token_type_ids is None else token_type_ids
-            x = x + self.token_type(types)
-        x = self.drop(self.norm(x))
+            x = x + hook(self, "hook_token_type_embed", self.token_type(types), in_block=False)
+        x = self.drop(hook(self, "embed.ln.hook_normalized", self.norm(x), in_block=False))
         return self.proj(x) if self.proj is not None else x  # (B, T, d)
 
 
@@ -64,6 +68,8 @@ class Encoder(nn.Module):
 
     ``attention_mask`` (B, T) marks real tokens; padded keys are hidden from every query.
     """
+
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -102,6 +108,7 @@ class Encoder(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             inputs.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk): padded keys hidden
         for i in range(self.cfg.stack.n_layers):
+            enter_block(self, i)  # ALBERT's shared block reports each application as layer i
             x = self.blocks[0 if self.cfg.share_layers else i](x, inputs)
         return x
 

@@ -18,6 +18,7 @@ from triform.config import Seq2SeqConfig
 from triform.layers.cache import ContiguousKVCache, KVCache
 from triform.layers.attention import AttentionInputs
 from triform.layers.block import Block
+from triform.layers.hooks import HookScope, enter_block, hook
 from triform.layers.masks import decoder_mask, materialize
 from triform.layers.norm import make_norm
 from triform.layers.position import T5RelativeBias
@@ -26,6 +27,8 @@ from triform.layers.position import T5RelativeBias
 class Seq2Seq(nn.Module):
     """``encode(source, source_mask)`` -> memory; ``decode(target, memory, source_mask, cache)`` -> logits;
     ``forward(source, target, source_mask=)`` does both (teacher forcing)."""
+
+    _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
 
     def __init__(self, cfg: Seq2SeqConfig) -> None:
         super().__init__()
@@ -83,10 +86,12 @@ class Seq2Seq(nn.Module):
         inputs = AttentionInputs(bias=self.encoder_bias(pos, pos))  # (1, H, S, S)
         if source_mask is not None and not bool(source_mask.all()):
             inputs.mask = source_mask.bool()[:, None, None, :]  # (B, 1, 1, S): padded keys hidden
-        x = self.drop(self.shared(source))
-        for block in self.encoder_blocks:
+        enter_block(self, 0, "encoder.")
+        x = self.drop(hook(self, "hook_embed", self.shared(source), in_block=False))
+        for i, block in enumerate(self.encoder_blocks):
+            enter_block(self, i)
             x = block(x, inputs)
-        return self.drop(self.encoder_norm(x))
+        return self.drop(hook(self, "ln_final.hook_normalized", self.encoder_norm(x), in_block=False))
 
     def decode(
         self, target: Tensor, memory: Tensor, source_mask: Tensor | None = None, *, cache: KVCache | None = None,
@@ -104,13 +109,15 @@ class Seq2Seq(nn.Module):
         memory_inputs = AttentionInputs(cache=memory_cache)
         if source_mask is not None and not bool(source_mask.all()):
             memory_inputs.mask = source_mask.bool()[:, None, None, :]
-        x = self.drop(self.shared(target))
-        for block in self.decoder_blocks:
+        enter_block(self, 0, "decoder.")
+        x = self.drop(hook(self, "hook_embed", self.shared(target), in_block=False))
+        for i, block in enumerate(self.decoder_blocks):
+            enter_block(self, i)
             x = block(x, inputs, memory=memory, memory_inputs=memory_inputs)
-        h = self.drop(self.decoder_norm(x))
+        h = self.drop(hook(self, "ln_final.hook_normalized", self.decoder_norm(x), in_block=False))
         if self.cfg.scale_output:
             h = h * self.cfg.decoder.d_model**-0.5  # T5 1.0 rescales before its tied output projection
-        return self.lm_head(h)
+        return hook(self, "hook_unembed", self.lm_head(h), in_block=False)
 
     def forward(self, source: Tensor, target: Tensor, *, source_mask: Tensor | None = None) -> Tensor:
         return self.decode(target, self.encode(source, source_mask), source_mask)

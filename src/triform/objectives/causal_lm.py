@@ -21,6 +21,25 @@ def causal_lm_loss(logits: Tensor, targets: Tensor, reduction: str = "mean") -> 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
+FORWARDING_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule")  # call their inner model as is
+
+
+def takes_targets(model: nn.Module) -> bool:
+    """Whether ``model(x, targets=y)`` returns the summed next-token cross-entropy (DecoderLM does),
+    also through wrappers that pass calls on unchanged (DistributedDataParallel and DataParallel keep
+    the model as ``module``, torch.compile as ``_orig_mod``)."""
+    for _ in range(4):
+        if getattr(type(model), "fused_loss", False):
+            return True
+        if type(model).__name__ not in FORWARDING_WRAPPERS:
+            return False
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return False
+        model = inner
+    return False
+
+
 def lm_metrics(nats: float, tokens: int, nbytes: int) -> dict[str, float]:
     """Loss (nats/token), bits per byte and perplexity from summed nats over ``tokens`` covering ``nbytes``.
 
@@ -58,6 +77,8 @@ class CausalLM:
         return self.make(*random_batch(self.train_ids, self.batch_size, self.context, rng.gen))
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        if takes_targets(model):  # the model computes the same sum itself, fusing head and loss
+            return {"loss": model(batch["x"], targets=batch["y"])}
         return {"loss": causal_lm_loss(model(batch["x"]), batch["y"], reduction="sum")}
 
     def eval_batches(self, final: bool) -> Iterator[Batch]:
