@@ -157,10 +157,13 @@ def test_two_launches_form_one_run_like_two_nodes(tmp_path: Path, corpus_file: P
 def test_pretrain_and_finetune_run_under_torchrun(tmp_path: Path, corpus_file: Path) -> None:
     launch = [sys.executable, "-m", "triform", "launch", "--standalone", "--nproc-per-node", "2"]
     pre = subprocess.run([*launch, "pretrain", "--data", str(corpus_file), "--out", str(tmp_path / "mlm"), "--context", "32",
-                          "--batch-size", "8", "--max-steps", "3", "--parallel", "fsdp", "--progress", "false"],
+                          "--batch-size", "8", "--time-budget", "8s", "--parallel", "fsdp", "--progress", "false"],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert pre.returncode == 0, pre.stderr[-2000:]
-    assert pre.stdout.count("pretrained 3 steps") == 1 and "fsdp over 2 ranks" in pre.stderr
+    assert pre.stdout.count("pretrained ") == 1 and "fsdp over 2 ranks" in pre.stderr
+    # the budget's step count is decided on rank 0 and shared: both ranks stop together, in time
+    steps, seconds = pre.stdout.split("pretrained ")[1].split(" steps in ")
+    assert int(steps) > 3 and float(seconds.split()[0]) <= 8 * 1.05 + 1
     assert "returned a view tensor" not in pre.stderr
     rows = [{"text": f"The {w} will speak of love.", "label": "royal" if w in ("king", "queen") else "noble"}
             for w in ["king", "queen", "lord", "lady"] * 12]

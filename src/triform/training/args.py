@@ -130,6 +130,12 @@ class TrainArgs:
             )
         check_choice("parallel", self.parallel, ("auto", "none", "ddp", "fsdp"))
         check_choice("backend", self.backend, ("auto", "gloo", "nccl"))
+        # refused here, before any data is read or model built (distributed.setup checks them again)
+        if self.backend == "nccl" and not torch.cuda.is_available():
+            raise ConfigError("backend nccl needs CUDA GPUs and none is visible; use --backend gloo (the default on CPU).")
+        if self.parallel == "none" and world > 1:
+            raise ConfigError(f"--parallel none cannot train under torchrun with {world} processes; use ddp or fsdp "
+                              "(or launch a single process).")
         if not _is_number(self.dist_timeout) or not self.dist_timeout > 0:
             raise ConfigError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout!r}.")
         if not _is_number(self.lr) or not self.lr > 0:
