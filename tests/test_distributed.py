@@ -161,9 +161,12 @@ def test_pretrain_and_finetune_run_under_torchrun(tmp_path: Path, corpus_file: P
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert pre.returncode == 0, pre.stderr[-2000:]
     assert pre.stdout.count("pretrained ") == 1 and "fsdp over 2 ranks" in pre.stderr
-    # the budget's step count is decided on rank 0 and shared: both ranks stop together, in time
-    steps, seconds = pre.stdout.split("pretrained ")[1].split(" steps in ")
-    assert int(steps) > 3 and float(seconds.split()[0]) <= 8 * 1.05 + 1
+    # the budget's step count is decided on rank 0 and shared: both ranks stop at the same step (a rank
+    # that went on alone would wait in its next collective and fail the run), well before max_steps
+    steps = int(pre.stdout.split("pretrained ")[1].split(" steps in ")[0])
+    assert 3 < steps < 5000 and len(_train_lines(tmp_path / "mlm")) == steps
+    saved = torch.load(tmp_path / "mlm" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert saved["step"] == saved["total_steps"] == steps
     assert "returned a view tensor" not in pre.stderr
     rows = [{"text": f"The {w} will speak of love.", "label": "royal" if w in ("king", "queen") else "noble"}
             for w in ["king", "queen", "lord", "lady"] * 12]

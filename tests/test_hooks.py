@@ -237,3 +237,22 @@ def test_head_scores_read_planted_templates() -> None:
     assert report.heads("duplicate-token") == [(0, 1)]
     assert report.heads("induction") == [(0, 2)]
     assert report.heads("first-token") == [(0, 3)]
+
+
+def test_patching_sweep_finds_the_one_position_that_differs() -> None:
+    from triform.inspect.patching import patch_sweep
+
+    ours = _triform_gpt2(_gpt2())
+    clean = _tokens(8, (1, 10))
+    corrupted = clean.clone()
+    corrupted[0, 4] = (clean[0, 4] + 7) % 300
+    with torch.no_grad():
+        a, b = ours(clean)[0, -1], ours(corrupted)[0, -1]
+    answer, wrong = int(a.argmax()), int((a - b).argmin())
+    r = patch_sweep(ours, clean, corrupted, answer, wrong)
+    assert r.by_position.shape == (2, 10) and r.by_head.shape == (2, 4)
+    assert float(r.by_position[0, 4]) == pytest.approx(1.0, abs=1e-4)  # the block-0 input there is all that differs
+    others = torch.cat([r.by_position[0, :4], r.by_position[0, 5:]])
+    assert others.abs().max() < 1e-4
+    assert r.by_position[:, :4].abs().max() < 1e-4  # before the change, causal streams are identical
+    assert torch.isfinite(r.by_head).all() and r.by_head.abs().max() > 1e-3

@@ -148,3 +148,13 @@ def test_inspect_lens_attention_and_heads_cli(trained_run: Path, tmp_path: Path,
         assert (tmp_path / name).stat().st_size > 5_000
     assert "is 2000 tokens, more than" in cli_error(capsys, ["inspect", "lens", str(trained_run), "--text", "x" * 2000,
                                                              "--out", str(tmp_path / "z")])
+
+
+def test_inspect_patch_cli(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the grammar: "KING:\nThe king will ..." -- the speaker's name decides the subject
+    args = ["inspect", "patch", str(trained_run), "--text", "KING:\nThe ", "--corrupt", "LORD:\nThe ",
+            "--answer", "k", "--wrong", "l", "--out", str(tmp_path / "p")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "strongest residual-stream patch" in out and (tmp_path / "p" / "patch.png").stat().st_size > 5_000
+    assert "patch needs --text" in cli_error(capsys, ["inspect", "patch", str(trained_run), "--out", str(tmp_path / "q")])

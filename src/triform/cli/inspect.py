@@ -7,7 +7,7 @@ from pathlib import Path
 
 from triform.errors import ConfigError
 
-ANALYSES = ("anatomy", "neighbours", "lens", "attention", "heads")
+ANALYSES = ("anatomy", "neighbours", "lens", "attention", "heads", "patch")
 DEFAULT_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 
 
@@ -142,9 +142,29 @@ def _heads(model, tokenizer, name: str, out: Path, seed: int) -> None:
     print(f"picture: {report.plot(out / 'heads.png', title=name)}")
 
 
+def _patch(model, tokenizer, name: str, out: Path, clean: str, corrupt: str | None, answer: str | None,
+           wrong: str | None) -> None:
+    from triform.inspect.geometry import find_token
+    from triform.inspect.patching import patch_sweep
+
+    if corrupt is None or answer is None or wrong is None:
+        raise ConfigError("patch needs --text (the clean input), --corrupt, --answer and --wrong.")
+    x, y = _encoded(model, tokenizer, clean), _encoded(model, tokenizer, corrupt)
+    r = patch_sweep(model, x, y, find_token(tokenizer, answer), find_token(tokenizer, wrong))
+    print(f"logit difference [{answer}] - [{wrong}] at the last position: clean {r.clean:.3f}, corrupted {r.corrupted:.3f}")
+    best = divmod(int(r.by_position.abs().argmax()), r.by_position.shape[1])
+    head = divmod(int(r.by_head.abs().argmax()), r.by_head.shape[1])
+    print(f"strongest residual-stream patch: block {best[0]} input at position {best[1]} "
+          f"({float(r.by_position[best]):+.2f} of the difference)")
+    print(f"strongest head patch: L{head[0]}H{head[1]} ({float(r.by_head[head]):+.2f})")
+    labels = [_labels(tokenizer)[i] for i in x[0].tolist()]
+    print(f"picture: {r.plot(out / 'patch.png', labels, title=f'{name}: activation patching')}")
+
+
 def inspect(
     analysis: str, checkpoint: str | None = None, preset: str | None = None, token: list[str] | None = None,
     k: int = 10, vocab_sizes: list[int] | None = None, text: str = DEFAULT_TEXT, seed: int = 0,
+    corrupt: str | None = None, answer: str | None = None, wrong: str | None = None,
     out: str = "inspect", overwrite: bool = False, trust_pickle: bool = False,
 ) -> None:
     """Look inside a model: where its parameters are, what its embeddings encode, what its heads attend to.
@@ -153,7 +173,8 @@ def inspect(
         analysis: anatomy (parameter counts and shares by category, layer and head, checked against
             the formulas), neighbours (nearest tokens by cosine in E, a PCA map of E), lens (the
             logit lens of a decoder on --text), attention (every head's pattern on --text) or heads
-            (previous-token, duplicate-token, induction and first-token scores of every head).
+            (previous-token, duplicate-token, induction and first-token scores of every head) or
+            patch (activation patching of --text against --corrupt, by layer and position and by head).
         checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
         preset: Instead of a checkpoint, a preset by name (anatomy only; shapes, no weights).
         token: Tokens whose neighbours to list (repeatable; default: a few common ones).
@@ -161,6 +182,9 @@ def inspect(
         vocab_sizes: Vocabulary sizes at which anatomy reports E's share (default 260, 8192, 50257).
         text: The text lens and attention read.
         seed: Seed of the random sequences heads uses.
+        corrupt: patch: the corrupted input (as many tokens as --text, the clean one).
+        answer: patch: the token the clean input should predict next.
+        wrong: patch: the token the corrupted input favours instead.
         out: Folder for the pictures.
         overwrite: Write into `out` even though it holds other files.
         trust_pickle: Allow loading pickled (.bin) weights from a HF folder.
@@ -173,7 +197,7 @@ def inspect(
     folder = _out_dir(out, overwrite)
     if analysis == "anatomy":
         _anatomy(model, name, folder, vocab_sizes or [260, 8192, 50257])
-    elif analysis in ("lens", "attention", "heads") and tokenizer is None:
+    elif analysis in ("lens", "attention", "heads", "patch") and tokenizer is None:
         raise ConfigError(f"{analysis} needs a checkpoint (a preset has no trained weights).")
     elif analysis == "lens":
         _lens(model, tokenizer, name, folder, text)
@@ -181,6 +205,8 @@ def inspect(
         _attention(model, tokenizer, name, folder, text)
     elif analysis == "heads":
         _heads(model, tokenizer, name, folder, seed)
+    elif analysis == "patch":
+        _patch(model, tokenizer, name, folder, text, corrupt, answer, wrong)
     else:
         if not token and tokenizer is not None:  # a few common tokens this vocabulary has as one token
             token = [t for t in (" the", "e", "A", "1", " ", ",") if len(tokenizer.encode(t)) == 1][:4]
