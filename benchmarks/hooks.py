@@ -95,8 +95,8 @@ def main() -> None:
         dr = "-" if d != d else f"{d / base_d:.2f}x"
         print(f"| {label} | {f * 1e3:.1f} | {f / base_f:.2f}x | {dec} | {dr} | {nbytes / 2**20:.1f} |")
     print()
-    print("Caching also records which names exist (one extra pass) before the cached run, and materialises the "
-          "attention probabilities (the kernel otherwise never forms them).")
+    print("Caching everything also materialises the attention scores and probabilities (the kernel otherwise never "
+          "forms them); a filtered cache forms them only when a pattern or score name is asked for.")
 
 
 if __name__ == "__main__":

@@ -76,20 +76,24 @@ def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 class _Recorder(dict):
-    """A name -> fns mapping that accepts every name (to list the hook points of a run)."""
+    """A name -> fns mapping that records every name ``match`` accepts (all by default)."""
 
-    def __init__(self, record: Callable[[str, Tensor], None]) -> None:
+    def __init__(self, record: Callable[[str, Tensor], None], match: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         self.record = record
+        self.match = match or (lambda name: True)
 
     def get(self, name: str, default: Any = None) -> list[HookFn]:  # type: ignore[override]
+        if not self.match(name):
+            return []
+
         def fn(x: Tensor, point: HookPoint) -> None:
             self.record(point.name, x)  # reads only: the activation goes on unchanged
 
         return [fn]
 
     def __contains__(self, name: object) -> bool:
-        return True
+        return isinstance(name, str) and self.match(name)
 
 
 def hook_names(model: nn.Module, *args: Any, **kwargs: Any) -> dict[str, tuple[int, ...]]:
@@ -156,15 +160,9 @@ def run_with_cache(model: nn.Module, *args: Any, names: Names = None, max_bytes:
             raise ConfigError(f"caching these activations needs about {need / 2**20:.1f} MiB, over the "
                               f"{max_bytes / 2**20:.1f} MiB allowed; ask for fewer names.")
     cache = ActivationCache()
-    wanted = set(hook_names(model, *args, **kwargs)) if names is not None else None
-
-    def keep(x: Tensor, point: HookPoint) -> None:
-        cache[point.name] = x.detach().clone()
-
-    if wanted is None:
-        fns: dict = _Recorder(lambda n, x: cache.__setitem__(n, x.detach().clone()))
-    else:
-        fns = {n: [keep] for n in wanted if match(n)}
+    # one pass: every hook point asks whether its name is wanted (so attention probabilities are
+    # formed only when a pattern or score name matches)
+    fns = _Recorder(lambda n, x: cache.__setitem__(n, x.detach().clone()), match)
     with torch.no_grad(), hooks_installed(model, fns):
         out = _call(model, args, kwargs)
     return out, cache
