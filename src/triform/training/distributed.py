@@ -232,32 +232,19 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def _unused_parameters(model: nn.Module, objective: Any, batch: Any) -> bool:
-    """Whether a forward and backward on ``batch`` leaves some trainable parameter without a
-    gradient (DDP must then look for unused parameters every step). RNG streams are left as found."""
-    from triform.objectives.base import combine
-
-    with torch.random.fork_rng(devices=[]):
-        sums = objective.loss(model, batch)
-        combine(objective, sums, batch.counts).backward()
-    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
-    model.zero_grad(set_to_none=True)
-    return unused
-
-
-def wrap(model: nn.Module, world: World, device: torch.device, *, probe: Any = None, objective: Any = None,
+def wrap(model: nn.Module, world: World, device: torch.device, *, find_unused: bool = True,
          say: Any = print_main) -> nn.Module:
     """The model as the training step calls it: ``model`` itself in one process, a
     DistributedDataParallel wrapper, or ``model`` sharded in place with FSDP2 (every shared block,
-    then the root, on a device mesh of all ranks)."""
+    then the root, on a device mesh of all ranks). ``find_unused``: some parameter gets no gradient,
+    so DDP must look for them every step."""
     if not world.active:
         return model
     if world.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        unused = probe is None or _unused_parameters(model, objective, probe)
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                   forward_sync_buffers=False, find_unused_parameters=unused)
+                   forward_sync_buffers=False, find_unused_parameters=find_unused)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -184,6 +184,16 @@ def accumulate_gradients(
     return total
 
 
+def _leaves_parameters_unused(model: nn.Module, objective: Objective, batch: Batch) -> bool:
+    """Whether a backward on ``batch`` leaves some trainable parameter without a gradient (DDP must
+    then look for unused parameters every step). RNG streams and gradients are left as found."""
+    with torch.random.fork_rng(devices=[]):
+        accumulate_gradients(model, objective, [batch])
+    unused = any(p.requires_grad and p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, objective: Objective, batches: Sequence[Batch], *,
     lr: float, grad_clip: float, amp_dtype: torch.dtype | None = None, counts: dict[str, int] | None = None,
@@ -355,8 +365,8 @@ def fit(
     eval_set = list(objective.eval_batches(final=False))
     final_set = list(objective.eval_batches(final=True))
     if world.active:
-        probe = eval_set[0].to(device) if eval_set else None
-        model = distributed.wrap(model, world, device, probe=probe, objective=objective, say=say)
+        unused = not eval_set or _leaves_parameters_unused(model, objective, eval_set[0].to(device))
+        model = distributed.wrap(model, world, device, find_unused=unused, say=say)
         say(f"{world.parallel} over {world.size} ranks ({world.backend}); each step's {args.batch_size} rows split "
             f"into {args.micro_batches} micro-batches of {args.micro_batch_size}, {args.grad_accum} per rank")
     base = distributed.unwrap(model)  # the optimizer and checkpoints see the module itself
