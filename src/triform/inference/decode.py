@@ -109,6 +109,13 @@ class DecodeStream:
             return self._finish("length")
         return self._show(len(self.data) - self._held()), None
 
+    def abort(self) -> str:
+        """End the completion early with ``"abort"`` (the engine's abort) and return the text still
+        held back, so the pieces shown add up to ``text``."""
+        if self.finish_reason is not None:
+            raise GenerationError(f"this completion has already finished ({self.finish_reason}).")
+        return self._finish("abort")[0]
+
     def _held(self) -> int:
         """Length of the longest unshown tail of the bytes that is a proper prefix of a stop string."""
         for k in range(min(self.longest - 1, len(self.data) - self.shown), 0, -1):

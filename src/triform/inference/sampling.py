@@ -1,13 +1,18 @@
-"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p (nucleus)."""
+"""Sampling parameters and next-token selection: greedy, temperature, top-k, top-p (nucleus), and the
+log-probabilities of the chosen tokens."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from triform.errors import GenerationError
+
+
+MAX_LOGPROBS = 20  # most alternatives reported per token (OpenAI's top_logprobs limit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,7 +25,9 @@ class SamplingParams:
     ``(seed + j * 0x9E3779B97F4A7C15) % 2**64``, so completion 0 uses ``seed`` itself and
     ``generate()``, the engine and chat give the same tokens for the same prompt and seed; with
     ``seed=None`` sampling uses torch's default generator and is not reproducible per request
-    (``triform.inference.decode.make_generator``)."""
+    (``triform.inference.decode.make_generator``). ``logprobs`` (engine only) asks for the
+    log-probability of every chosen token and of the ``logprobs`` most likely alternatives at its
+    position, under the model's own distribution (``token_logprobs``); None asks for nothing."""
 
     n: int = 1
     temperature: float = 1.0
@@ -30,6 +37,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -44,6 +52,9 @@ class SamplingParams:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}.")
         if any(not s for s in self.stop):
             raise GenerationError("stop strings must be non-empty.")
+        k = self.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise GenerationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}.")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
@@ -85,3 +96,30 @@ def sample_next(logits: Tensor, params: SamplingParams, generators: list[torch.G
     probs = torch.softmax(filter_logits(logits, params), dim=-1)
     rows = [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
     return torch.cat(rows)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely tokens at its position, best first, as
+    (token id, log-probability) pairs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: Tensor, rows: Sequence[int], tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprob]:
+    """Log-probabilities for pick ``i``: token ``tokens[i]`` chosen from row ``rows[i]`` of ``logits``
+    (R, V), with the ``ks[i]`` most likely alternatives. The distribution is the model's own
+    (log-softmax of the raw logits), not the temperature / top-k / top-p one it was sampled from, so
+    the numbers do not depend on how the token was picked. All picks are copied to the host at once."""
+    if not rows:
+        return []
+    logp = torch.log_softmax(logits[list(rows)].float(), dim=-1)  # (P, V)
+    picked = torch.tensor(list(tokens), device=logp.device)
+    top_v, top_i = logp.topk(min(max(ks), logp.shape[-1]), dim=-1)  # (P, k)
+    values = torch.cat([logp.gather(1, picked[:, None]), top_v], dim=1).tolist()  # (P, 1 + k)
+    ids = top_i.tolist()
+    return [
+        TokenLogprob(t, v[0], tuple(zip(i[:n], v[1 : 1 + n]))) for t, v, i, n in zip(tokens, values, ids, ks)
+    ]

@@ -62,6 +62,29 @@ class SchedulerConfig:
             )
 
 
+def blocks_held(config: SchedulerConfig, window: int | None, num_tokens: int, chunk: int) -> int:
+    """Blocks one sequence of ``num_tokens`` tokens may hold at once when its prompt is computed in
+    pieces of ``chunk`` tokens (a sliding window of ``window`` tokens bounds it). Pure: it reads only
+    the fixed limits, so a front end on another thread may call it."""
+    b = config.block_size
+    needed = -(-num_tokens // b)
+    if window is None:
+        return needed
+    return min(needed, -(-(window - 1 + chunk) // b) + 1)
+
+
+def check_fits(config: SchedulerConfig, window: int | None, num_tokens: int) -> None:
+    """Raise ``GenerationError`` if a sequence of ``num_tokens`` tokens could never fit in the pool,
+    even alone (pure, like :func:`blocks_held`)."""
+    need = blocks_held(config, window, num_tokens, config.prefill_chunk)
+    if need > config.num_blocks:
+        raise GenerationError(
+            f"the request needs up to {num_tokens} tokens of KV cache ({need} blocks of "
+            f"{config.block_size}) but the pool holds only {config.num_blocks} blocks; "
+            f"shorten the prompt or max_new_tokens, or give the engine more KV memory."
+        )
+
+
 class Status(Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -121,20 +144,11 @@ class Scheduler:
 
     def blocks_for(self, num_tokens: int, chunk: int) -> int:
         """Blocks one sequence of ``num_tokens`` tokens may hold at once (bounded by a sliding window)."""
-        b, w = self.config.block_size, self.kv.window
-        if w is None:
-            return self.kv.blocks_needed(num_tokens)
-        return min(self.kv.blocks_needed(num_tokens), -(-(w - 1 + chunk) // b) + 1)
+        return blocks_held(self.config, self.kv.window, num_tokens, chunk)
 
     def check_fits(self, num_tokens: int) -> None:
         """Reject a sequence that could never fit in the pool, even alone."""
-        need = self.blocks_for(num_tokens, self.config.prefill_chunk)
-        if need > self.config.num_blocks:
-            raise GenerationError(
-                f"the request needs up to {num_tokens} tokens of KV cache ({need} blocks of "
-                f"{self.config.block_size}) but the pool holds only {self.config.num_blocks} blocks; "
-                f"shorten the prompt or max_new_tokens, or give the engine more KV memory."
-            )
+        check_fits(self.config, self.kv.window, num_tokens)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
