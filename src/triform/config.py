@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from triform.errors import ConfigError
 
-FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"]
+FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -40,6 +40,8 @@ class StackConfig:
     ``scale_attention=False`` leaves scores unscaled (T5);
     ``head_dim`` defaults to ``d_model // n_heads`` and ``d_ff`` to 4·d (GELU/ReLU) or the
     Llama rule 8/3·d rounded up to a multiple of 256 (gated FFNs).
+    ``ffn="none"`` makes the stack attention-only: its blocks have no FFN sublayer and no FFN norm
+    (the small models in which induction heads are studied); ``d_ff`` is then 0.
     """
 
     d_model: int
@@ -80,14 +82,19 @@ class StackConfig:
         _check_literal(owner, "attention", self.attention, AttentionBackend)
         if self.position == "rope" and head_dim % 2:
             raise ConfigError(f"{owner}.head_dim must be even for RoPE, got {head_dim}.")
-        if self.d_ff is None:
-            if self.ffn in ("swiglu", "geglu"):
+        if self.ffn == "none":
+            if self.d_ff not in (None, 0):
+                raise ConfigError(f"{owner}.d_ff must be unset or 0 for an attention-only stack (ffn='none'), "
+                                  f"got {self.d_ff!r}.")
+            d_ff = 0
+        else:
+            if self.d_ff is not None:
+                d_ff = self.d_ff
+            elif self.ffn in ("swiglu", "geglu"):
                 d_ff = 256 * math.ceil(int(8 * self.d_model / 3) / 256)
             else:
                 d_ff = 4 * self.d_model
-        else:
-            d_ff = self.d_ff
-        _check_positive(owner, "d_ff", d_ff)
+            _check_positive(owner, "d_ff", d_ff)
         if self.sliding_window is not None:
             _check_positive(owner, "sliding_window", self.sliding_window)
         if not 0.0 <= self.dropout < 1.0:
@@ -231,12 +238,14 @@ def count_parameters(cfg: DecoderConfig) -> int:
     b = 1 if s.bias else 0
     q_out, kv_out = s.n_heads * hd, 2 * s.n_kv_heads * hd
     attn = d * (q_out + kv_out) + b * (q_out + kv_out) + q_out * d + b * d
-    if s.ffn in ("swiglu", "geglu"):
-        ffn = 3 * d * s.d_ff + b * (2 * s.d_ff + d)
+    norm = d * (2 if s.norm == "layernorm" and s.bias else 1)  # LayerNorm's bias follows the stack's
+    if s.ffn == "none":
+        ffn = 0  # attention-only: neither an FFN nor its norm
+    elif s.ffn in ("swiglu", "geglu"):
+        ffn = 3 * d * s.d_ff + b * (2 * s.d_ff + d) + norm
     else:
-        ffn = 2 * d * s.d_ff + b * (s.d_ff + d)
-    norm = d * (2 if s.norm == "layernorm" else 1)
-    block = attn + ffn + 2 * norm
+        ffn = 2 * d * s.d_ff + b * (s.d_ff + d) + norm
+    block = attn + norm + ffn
     total = s.n_layers * block + cfg.vocab_size * d
     if s.norm_placement == "pre":
         total += norm  # final norm
@@ -287,6 +296,9 @@ class EncoderConfig:
             raise ConfigError(f"model.pad_id must lie in [0, vocab_size), got {self.pad_id!r}.")
         if self.stack.position != "learned":
             raise ConfigError("encoder models here use learned absolute positions (model.position='learned').")
+        if self.stack.ffn == "none":
+            raise ConfigError("model.ffn cannot be 'none' for an encoder: its masked-LM head uses the FFN's "
+                              "activation.")
         if self.position_offset < 0 or self.position_offset >= self.stack.max_seq_len:
             raise ConfigError(f"model.position_offset must lie in [0, max_seq_len), got {self.position_offset!r}.")
 

@@ -1,14 +1,28 @@
 """``triform inspect ANALYSIS [CHECKPOINT]``: look inside a model. Each analysis prints a table and
-writes its pictures into ``--out``."""
+writes its pictures into ``--out``; ``report`` runs every analysis that applies and gathers their
+tables and pictures into one offline page, ``report.html``."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
+from contextlib import redirect_stdout
 from pathlib import Path
 
-from triform.errors import ConfigError
+from triform.errors import ConfigError, TriformError
 
-ANALYSES = ("anatomy", "neighbours", "lens", "attention", "heads", "patch")
+SECTIONS = {  # analysis -> its heading in the report, in the report's order
+    "anatomy": "Parameter anatomy",
+    "neighbours": "Embedding neighbours",
+    "lens": "Logit lens",
+    "attention": "Attention patterns",
+    "heads": "Attention heads by kind",
+    "patch": "Activation patching",
+    "probe": "Linear probes",
+}
+ANALYSES = (*SECTIONS, "report")
 DEFAULT_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?"
+MIN_PROBE_TOKENS = 256
 
 
 def _out_dir(out: str, overwrite: bool) -> Path:
@@ -27,7 +41,20 @@ def _model(checkpoint: str | None, preset: str | None, trust_pickle: bool):
     if preset is not None:
         return preset_model(preset), None, preset
     model, tokenizer, _ = load_model(checkpoint, trust_pickle=trust_pickle)
-    return model, tokenizer, str(checkpoint)
+    return model, tokenizer, display_name(checkpoint)
+
+
+GENERIC_NAMES = {"model", "checkpoint", "ckpt", "final", "latest", "hf", "weights"}
+
+
+def display_name(checkpoint: str) -> str:
+    """A short name for tables and picture titles: a run folder's or file's own name (with its
+    parent's where the name alone says nothing, as in ``all-minilm/model``)."""
+    path = Path(checkpoint)
+    own = path.stem if path.is_file() else path.name
+    if own.lower() in GENERIC_NAMES and path.parent.name:
+        return f"{path.parent.name}/{own}"
+    return own or str(checkpoint)
 
 
 def _anatomy(model, name: str, out: Path, vocab_sizes: list[int]) -> None:
@@ -82,9 +109,9 @@ def _neighbours(model, tokenizer, name: str, out: Path, tokens: list[str], k: in
 
 
 def _labels(tokenizer) -> list[str]:
-    from triform.inspect.geometry import token_label
+    from triform.inspect.geometry import token_labels
 
-    return [token_label(tokenizer, i) for i in range(len(tokenizer.token_bytes()))]
+    return token_labels(tokenizer)
 
 
 def _encoded(model, tokenizer, text: str):
@@ -128,9 +155,10 @@ def _attention(model, tokenizer, name: str, out: Path, text: str) -> None:
 
 
 def _heads(model, tokenizer, name: str, out: Path, seed: int) -> None:
+    from triform.inspect.geometry import vocabulary_size
     from triform.inspect.heads import KINDS, classify_heads
 
-    vocab = len(tokenizer.token_bytes()) if tokenizer is not None else model.cfg.vocab_size
+    vocab = vocabulary_size(tokenizer) if tokenizer is not None else model.cfg.vocab_size
     n = max(4, min(24, (model.cfg.stack.max_seq_len if hasattr(model.cfg, "stack") else model.cfg.max_tokens) // 2))
     report = classify_heads(model, vocab=vocab, n=n, seed=seed)
     print(f"heads of {name} on repeated random sequences of {n} tokens (seed {seed}); a head is named by every "
@@ -161,10 +189,146 @@ def _patch(model, tokenizer, name: str, out: Path, clean: str, corrupt: str | No
     print(f"picture: {r.plot(out / 'patch.png', labels, title=f'{name}: activation patching')}")
 
 
+def _probe_text(data: str | None) -> tuple[str, str]:
+    """(text, where it came from) for the probes: the ``--data`` file, else Hamlet from the cached
+    Shakespeare corpus (the held-out play a default-trained model has not seen)."""
+    if data is not None:
+        try:
+            raw = Path(data).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"--data {data} does not exist.") from None
+        except OSError as exc:
+            raise ConfigError(f"--data {data} could not be read ({exc.strerror or type(exc).__name__}).") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--data {data} is not UTF-8 text (the byte at offset {exc.start} is invalid); "
+                              "give a UTF-8 text file.") from None
+        if not text.strip():
+            raise ConfigError(f"--data {data} holds no text.")
+        return text, data
+    from triform.data.shakespeare import VAL_PLAYS, fetch_shakespeare
+    from triform.errors import DataError
+
+    try:
+        path = fetch_shakespeare(quiet=True) / f"{VAL_PLAYS[0]}.txt"  # fetched once if the cache lacks it
+        text = path.read_text(encoding="utf-8")
+    except (DataError, OSError, UnicodeDecodeError):
+        raise ConfigError("without --data FILE the probes read Hamlet from the Shakespeare corpus cache, which is "
+                          "missing and could not be fetched; pass --data FILE (a UTF-8 text file).") from None
+    return text, f"{VAL_PLAYS[0]} (Shakespeare corpus, {path})"
+
+
+def _probe(model, tokenizer, name: str, out: Path, data: str | None, max_tokens: int, seed: int) -> None:
+    from triform.inspect.probe import FEATURES, encode_prefix, max_window, probe, token_features
+
+    text, source = _probe_text(data)
+    ids = encode_prefix(tokenizer, text, max_tokens)
+    if len(ids) < MIN_PROBE_TOKENS:
+        raise ConfigError(f"the probe text ({source}) is only {len(ids)} tokens; probing needs at least "
+                          f"{MIN_PROBE_TOKENS}.")
+    window, block = max_window(model), 64
+    labels = token_features(tokenizer, ids)
+    result = probe(model, ids, labels, block=block, seed=seed)
+    from triform.models.encoder_decoder import Seq2Seq
+
+    if not result.accuracy:
+        raise ConfigError(f"no feature has two classes among the {len(ids)} tokens of {source} "
+                          f"({'; '.join(f'{k}: {v}' for k, v in result.skipped.items())}); give other --data.")
+    stack = " (its encoder stack)" if isinstance(model, Seq2Seq) else ""
+    print(f"linear probes of {name}{stack}: a logistic regression per layer on the standardised residual stream "
+          f"(L2 strength chosen on a quarter of the training blocks), {len(ids)} tokens of {source} in windows of "
+          f"{window}; test accuracy on a quarter of the {block}-token blocks held out (seed {seed}); control: the "
+          "same probe on shuffled labels")
+    print()
+    print(result.table())
+    print()
+    for feature in labels:
+        if feature in result.skipped:
+            print(f"{feature}: not probed, {result.skipped[feature]}")
+            continue
+        train, test = result.counts[feature]
+        layer, acc = result.best(feature)
+        print(f"{feature}: {FEATURES[feature]}; {result.classes[feature]} classes, {train} train / {test} test "
+              f"tokens; best {layer}, {acc:.3f} against chance {result.chance[feature]:.3f}")
+    print(f"picture: {result.plot(out / 'probe.png', title=f'{name}: linear probes per layer')}")
+
+
+def _not_applicable(analysis: str, model, tokenizer, patch_inputs: bool = True) -> str | None:
+    """Why ``analysis`` cannot run on this model (a phrase after the analysis's name), or None."""
+    from triform.models.decoder import DecoderLM
+    from triform.models.encoder_decoder import Seq2Seq
+
+    if analysis == "anatomy":
+        return None
+    if tokenizer is None:
+        what = "embeddings" if analysis == "neighbours" else "weights"
+        return f"needs a checkpoint (a preset has no trained {what})"
+    if not (hasattr(tokenizer, "token_bytes") or hasattr(tokenizer, "pieces")):
+        kind = type(tokenizer).__name__
+        return f"needs a tokenizer that lists its tokens (bytes or pieces), which the {kind} does not"
+    if analysis == "lens" and not isinstance(model, DecoderLM):
+        return f"reads decoders (their final norm and output projection), not {_a(type(model).__name__)}"
+    if analysis == "patch" and not isinstance(model, DecoderLM):
+        return f"reads a decoder's next-token logits, not those of {_a(type(model).__name__)}"
+    if analysis == "patch" and not patch_inputs:
+        return "needs --corrupt, --answer and --wrong besides --text"
+    if analysis in ("attention", "heads") and isinstance(model, Seq2Seq):
+        return "reads one-stack models (decoders and encoders), not an encoder-decoder"
+    if analysis == "probe":
+        from triform.inspect.probe import max_window
+
+        try:
+            max_window(model)
+        except ConfigError:
+            return f"reads decoders, encoders and encoder-decoders, not {_a(type(model).__name__)}"
+    return None
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'AEIOU' else 'a'} {noun}"
+
+
+def _pictures(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.png")}
+
+
+def _report(model, name: str, folder: Path, text: str, runners: dict[str, Callable[[], None]],
+            reasons: dict[str, str | None]) -> None:
+    """Run every analysis that applies, capturing what it prints and the pictures it writes, and
+    write them into ``folder/report.html``."""
+    from triform.inspect.report import Section, write_report
+
+    sections = []
+    for key, title in SECTIONS.items():
+        if reasons[key] is not None:
+            sections.append(Section(key, title, skipped=f"{key} {reasons[key]}."))
+            print(f"{key}: skipped, {reasons[key]}")
+            continue
+        before = _pictures(folder)
+        printed = io.StringIO()
+        failed = None
+        try:
+            with redirect_stdout(printed):
+                runners[key]()
+        except TriformError as exc:
+            failed = str(exc)
+        after = _pictures(folder)
+        images = [folder / n for n in sorted(after) if before.get(n) != after[n]]
+        sections.append(Section(key, title, printed.getvalue(), images, failed))
+        print(f"{key}: " + (f"failed, {failed}" if failed else f"{len(images)} picture(s)"))
+    n_params = sum(p.numel() for p in model.parameters())
+    details = [f"{type(model).__name__}, {n_params:,} parameters"]
+    path = write_report(folder / "report.html", f"triform inspect report: {Path(name).name or name}", name, text,
+                        sections, details=details)
+    print(f"report: {path}")
+
+
 def inspect(
     analysis: str, checkpoint: str | None = None, preset: str | None = None, token: list[str] | None = None,
     k: int = 10, vocab_sizes: list[int] | None = None, text: str = DEFAULT_TEXT, seed: int = 0,
     corrupt: str | None = None, answer: str | None = None, wrong: str | None = None,
+    data: str | None = None, probe_tokens: int = 4000,
     out: str = "inspect", overwrite: bool = False, trust_pickle: bool = False,
 ) -> None:
     """Look inside a model: where its parameters are, what its embeddings encode, what its heads attend to.
@@ -174,18 +338,26 @@ def inspect(
             the formulas), neighbours (nearest tokens by cosine in E, a PCA map of E), lens (the
             logit lens of a decoder on --text), attention (every head's pattern on --text) or heads
             (previous-token, duplicate-token, induction and first-token scores of every head) or
-            patch (activation patching of --text against --corrupt, by layer and position and by head).
+            patch (activation patching of --text against --corrupt, by layer and position and by head)
+            or probe (linear probes of the residual stream at every layer for features of the text
+            -- a speaker's name, a letter's place in its word, vowels for byte vocabularies; word
+            starts and capitals for others -- with chance and a shuffled-label control; an
+            encoder-decoder's encoder stack; reads --data) or report (every analysis that applies,
+            tables and pictures in one self-contained page, OUT/report.html; patch only with
+            --corrupt, --answer and --wrong).
         checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
         preset: Instead of a checkpoint, a preset by name (anatomy only; shapes, no weights).
         token: Tokens whose neighbours to list (repeatable; default: a few common ones).
         k: How many neighbours.
         vocab_sizes: Vocabulary sizes at which anatomy reports E's share (default 260, 8192, 50257).
-        text: The text lens and attention read.
-        seed: Seed of the random sequences heads uses.
+        text: The text lens, attention and patch read.
+        seed: Seed of the random sequences heads uses and of the probes' train/test split.
         corrupt: patch: the corrupted input (as many tokens as --text, the clean one).
         answer: patch: the token the clean input should predict next.
         wrong: patch: the token the corrupted input favours instead.
-        out: Folder for the pictures.
+        data: probe: a UTF-8 text file to probe on (default: Hamlet from the Shakespeare corpus cache).
+        probe_tokens: probe: how many tokens of the text to read (cut into windows of the model's length).
+        out: Folder for the pictures (and report.html).
         overwrite: Write into `out` even though it holds other files.
         trust_pickle: Allow loading pickled (.bin) weights from a HF folder.
     """
@@ -193,21 +365,30 @@ def inspect(
         raise ConfigError(f"analysis must be one of {', '.join(ANALYSES)}, got {analysis!r}.")
     if k < 1:
         raise ConfigError(f"--k must be a positive integer, got {k}.")
+    if probe_tokens < MIN_PROBE_TOKENS:
+        raise ConfigError(f"--probe-tokens must be at least {MIN_PROBE_TOKENS}, got {probe_tokens}.")
     model, tokenizer, name = _model(checkpoint, preset, trust_pickle)
+    patch_inputs = corrupt is not None and answer is not None and wrong is not None
+    reason = None if analysis == "report" else _not_applicable(analysis, model, tokenizer)  # patch names its own inputs
+    if reason is not None:
+        raise ConfigError(f"{analysis} {reason}.")
     folder = _out_dir(out, overwrite)
-    if analysis == "anatomy":
-        _anatomy(model, name, folder, vocab_sizes or [260, 8192, 50257])
-    elif analysis in ("lens", "attention", "heads", "patch") and tokenizer is None:
-        raise ConfigError(f"{analysis} needs a checkpoint (a preset has no trained weights).")
-    elif analysis == "lens":
-        _lens(model, tokenizer, name, folder, text)
-    elif analysis == "attention":
-        _attention(model, tokenizer, name, folder, text)
-    elif analysis == "heads":
-        _heads(model, tokenizer, name, folder, seed)
-    elif analysis == "patch":
-        _patch(model, tokenizer, name, folder, text, corrupt, answer, wrong)
+    runners: dict[str, Callable[[], None]] = {
+        "anatomy": lambda: _anatomy(model, name, folder, vocab_sizes or [260, 8192, 50257]),
+        "neighbours": lambda: _neighbours(model, tokenizer, name, folder, token or _common_tokens(tokenizer), k),
+        "lens": lambda: _lens(model, tokenizer, name, folder, text),
+        "attention": lambda: _attention(model, tokenizer, name, folder, text),
+        "heads": lambda: _heads(model, tokenizer, name, folder, seed),
+        "patch": lambda: _patch(model, tokenizer, name, folder, text, corrupt, answer, wrong),
+        "probe": lambda: _probe(model, tokenizer, name, folder, data, probe_tokens, seed),
+    }
+    if analysis == "report":
+        reasons = {key: _not_applicable(key, model, tokenizer, patch_inputs) for key in SECTIONS}
+        _report(model, name, folder, text, runners, reasons)
     else:
-        if not token and tokenizer is not None:  # a few common tokens this vocabulary has as one token
-            token = [t for t in (" the", "e", "A", "1", " ", ",") if len(tokenizer.encode(t)) == 1][:4]
-        _neighbours(model, tokenizer, name, folder, token or [], k)
+        runners[analysis]()
+
+
+def _common_tokens(tokenizer) -> list[str]:
+    """A few common tokens this vocabulary has as one token each (neighbours' default)."""
+    return [t for t in (" the", "e", "A", "1", " ", ",") if len(tokenizer.encode(t)) == 1][:4]

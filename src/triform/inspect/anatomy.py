@@ -8,7 +8,7 @@ heads of size d_h, FFN width f and vocabulary V (GPT-2, Llama, BERT and T5 shape
 
     E       V x e                 (e = d, or ALBERT's smaller embedding width)
     W_Q     L x d x h d_h         W_K, W_V   L x d x g d_h      W_O   L x h d_h x d
-    FFN     L x (k + 1) x d x f   (k = 2 for a gated FFN: gate and up; else 1)
+    FFN     L x (k + 1) x d x f   (k = 2 for a gated FFN: gate and up; else 1; none when attention-only)
     (+ biases where the family has them; norms 1 or 2 vectors of d each)
 
 ``anatomy(model)`` measures the categories from the tensors and ``expected(model)`` computes them
@@ -116,13 +116,15 @@ class Anatomy:
         return path
 
 
-def _stack_of(name: str) -> tuple[str, int | None]:
+def _stack_of(name: str, bare: str = "decoder") -> tuple[str, int | None]:
+    """(stack, layer) of a parameter name; ``bare`` is the stack of a model whose blocks sit at its top
+    level (a decoder, or an encoder without a head)."""
     parts = name.split(".")
     for i, p in enumerate(parts[:-1]):
         if p in ("blocks", "encoder_blocks", "decoder_blocks") and parts[i + 1].isdigit():
             stack = "decoder" if p == "decoder_blocks" else "encoder" if p == "encoder_blocks" else ""
             if not stack:
-                stack = "encoder" if "encoder" in parts[:i] else "decoder"
+                stack = "encoder" if "encoder" in parts[:i] else "decoder" if "decoder" in parts[:i] else bare
             return stack, int(parts[i + 1])
     return "", None
 
@@ -144,8 +146,11 @@ def anatomy(model: nn.Module) -> Anatomy:
     q_out, kv_out = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
     parts: list[Part] = []
     embeddings = _embedding_ids(model)
+    from triform.models.encoder import Encoder
+
+    bare = "encoder" if isinstance(model, Encoder) else "decoder"
     for name, p in model.named_parameters():  # a tied tensor appears once
-        stack, layer = _stack_of(name)
+        stack, layer = _stack_of(name, bare)
         n = p.numel()
         leaf = name.rsplit(".", 1)
         owner, kind = (leaf[0], leaf[1]) if len(leaf) == 2 else ("", leaf[0])
@@ -218,7 +223,8 @@ def expected(model: nn.Module) -> dict[str, int]:
     out["W_Q"] = layers * (d * h * dh + b * h * dh)
     out["W_K"] = out["W_V"] = layers * (d * g * dh + b * g * dh)
     out["W_O"] = layers * (h * dh * d + b * d)
-    out["FFN"] = layers * ((k + 1) * d * f + b * (k * f + d))
+    if s.ffn != "none":  # an attention-only stack has no FFN parameters at all
+        out["FFN"] = layers * ((k + 1) * d * f + b * (k * f + d))
     if "decoder" in stored and "encoder" in stored:  # encoder-decoder: cross-attention in decoder blocks
         n = stored["decoder"]
         out["cross W_Q"] = n * (d * h * dh + b * h * dh)

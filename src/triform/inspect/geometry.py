@@ -46,12 +46,34 @@ def unembedding_matrix(model: nn.Module) -> Tensor | None:
     return head.weight.detach().float()
 
 
+def vocabulary_size(tokenizer) -> int:
+    """How many token ids the tokenizer names (its byte table, or its pieces for WordPiece)."""
+    if hasattr(tokenizer, "token_bytes"):
+        return len(tokenizer.token_bytes())
+    if hasattr(tokenizer, "pieces"):
+        return tokenizer.vocab_size
+    raise ConfigError(f"the {type(tokenizer).__name__} lists neither its tokens' bytes nor its pieces.")
+
+
+def token_labels(tokenizer) -> list[str]:
+    """``token_label`` of every id, at once."""
+    if hasattr(tokenizer, "token_bytes"):
+        return [_bytes_label(raw, i) for i, raw in enumerate(tokenizer.token_bytes())]
+    vocabulary_size(tokenizer)  # the one sentence for a tokenizer that names neither
+    return tokenizer.pieces()
+
+
 def token_label(tokenizer, i: int) -> str:
-    """A printable form of token ``i``: its bytes as text where they decode, else escaped."""
-    table = tokenizer.token_bytes()
-    if i >= len(table):
+    """A printable form of token ``i``: its bytes as text where they decode, else escaped; a
+    WordPiece token as its piece (``##ing``, ``[CLS]``)."""
+    if i >= vocabulary_size(tokenizer):
         return f"<{i}>"
-    raw = table[i]
+    if not hasattr(tokenizer, "token_bytes"):
+        return tokenizer.tokens([i])[0]
+    return _bytes_label(tokenizer.token_bytes()[i], i)
+
+
+def _bytes_label(raw: bytes, i: int) -> str:
     if not raw:
         return f"<special {i}>"
     try:
@@ -89,8 +111,10 @@ class Neighbour:
 
 
 def find_token(tokenizer, text: str) -> int:
-    """The id of ``text`` as one token (a byte, a BPE piece); a ConfigError if it is several."""
-    ids = tokenizer.encode(text)
+    """The id of ``text`` as one token (a byte, a BPE piece, a word piece); a ConfigError if it is
+    several. Special tokens a tokenizer adds around every text ([CLS], [SEP]) do not count."""
+    special = getattr(tokenizer, "special_ids", set()) if hasattr(tokenizer, "pieces") else set()
+    ids = [i for i in tokenizer.encode(text) if i not in special]
     if len(ids) != 1:
         raise ConfigError(f"{text!r} is {len(ids)} tokens for this tokenizer; give one token "
                           f"(e.g. {token_label(tokenizer, ids[0])!r})." if ids else f"{text!r} encodes to no token.")
@@ -100,7 +124,7 @@ def find_token(tokenizer, text: str) -> int:
 def neighbours(model: nn.Module, tokenizer, token: int | str, k: int = 10, *, matrix: Tensor | None = None) -> list[Neighbour]:
     """The ``k`` tokens whose rows of E (or ``matrix``) are most cosine-similar to ``token``'s."""
     E = embedding_matrix(model) if matrix is None else matrix
-    V = min(E.shape[0], len(tokenizer.token_bytes()))
+    V = min(E.shape[0], vocabulary_size(tokenizer))
     idx = find_token(tokenizer, token) if isinstance(token, str) else int(token)
     if not 0 <= idx < V:
         raise ConfigError(f"token id {idx} is outside the vocabulary of {V}.")
@@ -128,12 +152,13 @@ def pca_map(model: nn.Module, tokenizer, path: Path | str, *, title: str = "", l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = tokenizer.token_bytes()
-    E = embedding_matrix(model)[: len(table)]
+    names = token_labels(tokenizer)
+    E = embedding_matrix(model)[: len(names)]
     xy, ratio = pca(E)
     fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
-    byte_level = len(table) <= 512
+    byte_level = len(names) <= 512 and hasattr(tokenizer, "token_bytes")
     if byte_level:
+        table = tokenizer.token_bytes()
         classes = [byte_class(b) for b in table]
         for c, (name, colour) in enumerate(zip(BYTE_CLASSES, CLASS_COLOURS)):
             pts = [i for i, k in enumerate(classes) if k == c]
@@ -146,8 +171,8 @@ def pca_map(model: nn.Module, tokenizer, path: Path | str, *, title: str = "", l
     else:
         ax.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.3, color="#4c72b0")
         shown = 0
-        for i, raw in enumerate(table):
-            text = raw.decode("utf-8", "ignore").strip()
+        for i, name in enumerate(names):
+            text = name.strip()
             if len(text) >= 3 and text.isalpha() and shown < labels:
                 ax.annotate(text, (float(xy[i, 0]), float(xy[i, 1])), fontsize=7)
                 shown += 1
@@ -184,4 +209,4 @@ def untied_agreement(model: nn.Module, k: int = 10) -> dict[str, float] | None:
 
 
 __all__ = ["embedding_matrix", "unembedding_matrix", "neighbours", "pca", "pca_map", "untied_agreement",
-           "find_token", "token_label", "byte_class", "BYTE_CLASSES", "Neighbour"]
+           "find_token", "token_label", "token_labels", "vocabulary_size", "byte_class", "BYTE_CLASSES", "Neighbour"]

@@ -28,7 +28,9 @@ Hook points (``{L}`` = ``blocks.{i}.`` of the i-th block application; an encoder
 | ``hook_unembed`` | (B, T, V) | logits (decoders, encoder-decoders) |
 
 Attention scores and patterns are materialised only when a hook asks for them (the kernel, SDPA,
-never forms them); for a post-norm block (BERT) ``hook_resid_mid`` is after the first norm.
+never forms them); for a post-norm block (BERT) ``hook_resid_mid`` is after the first norm. An
+attention-only stack (``ffn="none"``) has no ``ln2``, ``mlp.*`` or ``hook_mlp_out`` points, and no
+``hook_resid_mid`` where no sub-layer follows attention.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The residual block every family shares: norm + self-attention (+ cross-attention) + FFN."""
+"""The residual block every family shares: norm + self-attention (+ cross-attention) (+ FFN)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ class Block(nn.Module):
 
     pre:  x = x + attn(norm(x));  x = x + ffn(norm(x))
     post: x = norm(x + attn(x));  x = norm(x + ffn(x))
+
+    An attention-only stack (``ffn="none"``) has neither ``ffn`` nor ``ffn_norm``: its blocks end
+    after attention, and the FFN's hook points (``ln2.*``, ``mlp.*``, ``hook_mlp_out``) do not exist;
+    the stream between two sublayers (``hook_resid_mid``, ``hook_resid_cross``) is a hook point only
+    where another sublayer follows, as in TransformerLens's attention-only models.
     """
 
     def __init__(self, cfg: StackConfig, layer_idx: int, *, cross_attention: bool = False) -> None:
@@ -27,8 +32,10 @@ class Block(nn.Module):
         if cross_attention:
             self.cross_attn = Attention(cfg, layer_idx, cross=True)
             self.cross_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-        self.ffn = FeedForward(cfg)
-        self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.ffn: FeedForward | None = None
+        if cfg.ffn != "none":
+            self.ffn = FeedForward(cfg)
+            self.ffn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
 
     _hook_scope: HookScope | None = None  # set by triform.inspect.hooks while hooks run
 
@@ -45,6 +52,8 @@ class Block(nn.Module):
         if self.cross_attn is not None:
             assert memory_inputs is not None
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory))
+        if self.ffn is None:
+            return x
         return self._residual(x, self.ffn_norm, self.ffn)
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn, norm_name: str, out_name: str) -> Tensor:
@@ -59,11 +68,16 @@ class Block(nn.Module):
                         memory_inputs: AttentionInputs | None) -> Tensor:
         """The same computation as ``forward``, passing every hook point of the block."""
         x = hook(self, "hook_resid_pre", x)
-        x = hook(self, "hook_resid_mid", self._sublayer(x, self.attn_norm, lambda h: self.attn(h, inputs), "ln1",
-                                                        "hook_attn_out"))
+        x = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, inputs), "ln1", "hook_attn_out")
+        # the streams between sublayers are hook points only where another sublayer follows
+        if self.cross_attn is not None or self.ffn is not None:
+            x = hook(self, "hook_resid_mid", x)
         if self.cross_attn is not None:
             assert memory_inputs is not None
-            x = hook(self, "hook_resid_cross", self._sublayer(
-                x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory), "ln_cross", "hook_cross_attn_out"))
-        x = self._sublayer(x, self.ffn_norm, self.ffn, "ln2", "hook_mlp_out")
+            x = self._sublayer(x, self.cross_norm, lambda h: self.cross_attn(h, memory_inputs, memory), "ln_cross",
+                               "hook_cross_attn_out")
+            if self.ffn is not None:
+                x = hook(self, "hook_resid_cross", x)
+        if self.ffn is not None:
+            x = self._sublayer(x, self.ffn_norm, self.ffn, "ln2", "hook_mlp_out")
         return hook(self, "hook_resid_post", x)

@@ -111,6 +111,10 @@ class WordPieceTokenizer:
     def load(cls, directory: Path) -> WordPieceTokenizer:
         return cls(Path(directory) / "tokenizer.json")
 
+    def pieces(self) -> list[str]:
+        """Every id's piece, in id order (``[CLS]``, ``the``, ``##ing`` ...)."""
+        return self.tokens(list(range(self.vocab_size)))
+
     def tokens(self, ids: list[int]) -> list[str]:
         return [self._tok.id_to_token(i) or "" for i in ids]
 
