@@ -164,9 +164,15 @@ def _heads(model, tokenizer, name: str, out: Path, seed: int) -> None:
     print(f"heads of {name} on repeated random sequences of {n} tokens (seed {seed}); a head is named by every "
           f"template it scores above {report.threshold}")
     print(report.table())
+    total = report.scores["induction"].numel()
     for kind in KINDS:
         found = report.heads(kind)
-        print(f"{kind} heads: " + (", ".join(f"L{a}H{b}" for a, b in found) or "none"))
+        if len(found) > 16:  # name the strongest; the table above has every head
+            s = report.scores[kind]
+            top = sorted(found, key=lambda lh: -float(s[lh]))[:8]
+            print(f"{kind} heads: {len(found)} of {total}, strongest " + ", ".join(f"L{a}H{b}" for a, b in top))
+        else:
+            print(f"{kind} heads: " + (", ".join(f"L{a}H{b}" for a, b in found) or "none"))
     print(f"picture: {report.plot(out / 'heads.png', title=name)}")
 
 
