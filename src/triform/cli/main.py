@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from triform.cli import checkpoints, encoders, generation, training
+from triform.cli import serve as serving
 from triform.cli.inspect import inspect as inspect_model
 from triform.cli.common import WEIGHT_MODES
 from triform.config import StackConfig
@@ -37,6 +38,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "train": training.train, "generate": generation.generate, "chat": generation.chat, "eval": checkpoints.evaluate,
     "convert": checkpoints.convert, "presets": checkpoints.presets, "embed": encoders.embed, "search": encoders.search,
     "pretrain": training.pretrain, "fill": encoders.fill, "finetune": training.finetune, "inspect": inspect_model,
+    "serve": serving.serve,
 }
 CONFIGS: dict[str, type] = {"train": training.TrainConfig, "pretrain": training.PretrainFlags, "finetune": training.FinetuneConfig}
 
