@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -19,6 +20,16 @@ def synthetic_text(n_sentences: int, seed: int) -> str:
         subj, obj = rng.choice(WORDS[:6]), rng.choice(WORDS[6:])
         lines.append(f"{subj.upper()}:\nThe {subj} will {rng.choice(['speak', 'hear'])} of {obj}.\n")
     return "\n".join(lines)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _outside_the_checkout(tmp_path_factory: pytest.TempPathFactory):
+    """Tests run in a scratch folder, so default output folders (runs/shakespeare, inspect/) never
+    land in the working tree nor meet a user's own runs there (after `make demo`, say)."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
 
 
 @pytest.fixture(autouse=True)
