@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from test_engine import _model as engine_model, _prompts  # the same tiny models and prompts
 
-from triform.config import get_preset
 from triform.errors import ConfigError, GenerationError
 from triform.inference.async_engine import AsyncEngine, EngineDead, EngineOverloaded, EngineStopped, RequestStream
 from triform.inference.core import EngineCore, RequestOutput
@@ -31,16 +31,7 @@ HANG = 120.0  # seconds: a hang guard only, never a timing assertion
 
 
 def _model(name: str = "llama3-8b-tiny", seed: int = 0, **changes) -> DecoderLM:
-    torch.manual_seed(seed)
-    cfg = get_preset(name)
-    if changes:
-        cfg = cfg.replace(**changes)
-    return DecoderLM(cfg).eval()
-
-
-def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    return engine_model(name, seed, **changes)
 
 
 def _small(**kw) -> EngineConfig:

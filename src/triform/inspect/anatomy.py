@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from triform.inspect.plotting import pyplot, save_figure
+
 CATEGORIES = (
     "token embedding (E)", "embedding projection", "token types", "positions",
     "W_Q", "W_K", "W_V", "W_O", "cross W_Q", "cross W_K", "cross W_V", "cross W_O",
@@ -84,10 +86,7 @@ class Anatomy:
 
     def plot(self, path: Path | str, title: str = "") -> Path:
         """Two panels: the share of each category, and the parameters of each layer by category."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         cats = self.by_category()
         layers = self.by_layer()
@@ -110,10 +109,7 @@ class Anatomy:
         axes[1].set_title("per layer")
         axes[1].legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def _stack_of(name: str, bare: str = "decoder") -> tuple[str, int | None]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from triform.errors import ConfigError
+from triform.inspect.plotting import pyplot, save_figure
 
 BYTE_CLASSES = ("lower-case letter", "upper-case letter", "digit", "punctuation", "whitespace", "other byte", "special")
 CLASS_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#999999")
@@ -147,10 +148,7 @@ def pca_map(model: nn.Module, tokenizer, path: Path | str, *, title: str = "", l
     """Save a 2-D PCA map of E to ``path``. Byte-level vocabularies: every byte, coloured by class
     and drawn as its character. Larger vocabularies: every token as a point, with ``labels`` of the
     commonest word-like tokens (the lowest ids of a BPE merge order) written out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = token_labels(tokenizer)
     E = embedding_matrix(model)[: len(names)]
@@ -181,10 +179,7 @@ def pca_map(model: nn.Module, tokenizer, path: Path | str, *, title: str = "", l
     ax.set_title(title or f"token embeddings E ({E.shape[0]} x {E.shape[1]})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def untied_agreement(model: nn.Module, k: int = 10) -> dict[str, float] | None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from triform.inspect.hooks import run_with_cache
+from triform.inspect.plotting import pyplot, save_figure
 
 KINDS = ("previous-token", "duplicate-token", "induction", "first-token")
 
@@ -73,10 +74,7 @@ class HeadReport:
         return "\n".join(lines)
 
     def plot(self, path: Path | str, title: str = "") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, len(KINDS), figsize=(3.2 * len(KINDS), 3.2), dpi=110)
         for ax, kind in zip(axes, KINDS):
@@ -90,10 +88,7 @@ class HeadReport:
         fig.colorbar(im, ax=axes, shrink=0.8, label="mean attention on the template position")
         if title:
             fig.suptitle(title)
-        path = Path(path)
-        fig.savefig(path, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, bbox_inches="tight")
 
 
 def classify_heads(model: nn.Module, *, vocab: int | None = None, n: int = 24, batch: int = 8, seed: int = 0,
@@ -106,10 +101,7 @@ def classify_heads(model: nn.Module, *, vocab: int | None = None, n: int = 24, b
 
 def plot_attention(pattern: Tensor, labels: list[str], path: Path | str, *, title: str = "", max_heads: int = 8) -> Path:
     """A grid of attention maps (layers x heads) for one text: pattern (L, H, T, T)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     L, H, T, _ = pattern.shape
     H = min(H, max_heads)
@@ -133,10 +125,7 @@ def plot_attention(pattern: Tensor, labels: list[str], path: Path | str, *, titl
             row[0].set_yticklabels(labels, fontsize=6)
     fig.suptitle(title or "attention patterns (rows: queries, columns: keys)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["KINDS", "HeadReport", "classify_heads", "head_scores", "patterns", "plot_attention", "repeated_tokens"]

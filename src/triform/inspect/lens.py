@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from triform.errors import ConfigError
 from triform.inspect.hooks import run_with_cache
+from triform.inspect.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -52,10 +53,7 @@ def logit_lens(model: nn.Module, tokens: Tensor) -> Lens:
 def plot_lens(lens: Lens, labels: list[str], path: Path | str, *, title: str = "", max_positions: int = 40) -> Path:
     """Heat map: layers x positions, colour = probability of the actual next token, each cell
     labelled with the layer's top prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     L1, T1 = lens.target_prob.shape
     T1 = min(T1, max_positions)
@@ -75,10 +73,7 @@ def plot_lens(lens: Lens, labels: list[str], path: Path | str, *, title: str = "
     fig.colorbar(im, ax=ax, label="probability of the target")
     ax.set_title(title or "logit lens: top prediction per layer; loss " + ", ".join(f"{v:.2f}" for v in lens.loss))
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["Lens", "logit_lens", "plot_lens"]

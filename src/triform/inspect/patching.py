@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from triform.errors import ConfigError
 from triform.inspect.hooks import patch_from, run_with_cache, run_with_hooks
+from triform.inspect.plotting import pyplot, save_figure
 
 
 def logit_diff(logits: Tensor, answer: int, wrong: int) -> float:
@@ -33,10 +34,7 @@ class Patching:
     corrupted: float
 
     def plot(self, path: Path | str, labels: list[str] | None = None, title: str = "") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
         for ax, data, xlabel in ((axes[0], self.by_position, "position"), (axes[1], self.by_head, "head")):
@@ -51,10 +49,7 @@ class Patching:
         axes[1].set_title("head output z patched")
         fig.suptitle(title or f"logit difference clean {self.clean:.2f}, corrupted {self.corrupted:.2f}")
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def patch_sweep(model: nn.Module, clean: Tensor, corrupted: Tensor, answer: int, wrong: int) -> Patching:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from triform.errors import ConfigError
 from triform.inspect.hooks import run_with_cache
+from triform.inspect.plotting import pyplot, save_figure
 
 FEATURES = {  # name -> what its label 1 (or its classes) means
     "speaker name": "inside a speaker's name on a line of its own, ROMEO: or Rom.",
@@ -266,10 +267,7 @@ class ProbeResult:
     def plot(self, path: Path | str, title: str = "") -> Path:
         """Accuracy per layer for each feature (one panel each), with the chance line and the
         shuffled-label control."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         names = list(self.accuracy)
         if not names:
@@ -291,10 +289,7 @@ class ProbeResult:
         axes[0][0].legend(fontsize=7, loc="lower right")
         fig.suptitle(title or "linear probes per layer")
         fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def split_blocks(n: int, block: int, test_fraction: float, seed: int) -> np.ndarray:
