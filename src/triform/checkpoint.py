@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from triform.config import DecoderConfig, EncoderConfig, Seq2SeqConfig
+from triform.config import CLIPConfig, DecoderConfig, EncoderConfig, Seq2SeqConfig, VisionConfig
 from triform.errors import CheckpointError, ConfigError
 from triform.tokenizers.base import Tokenizer, load_tokenizer
 
@@ -41,7 +41,8 @@ class ModelKind:
     build: Callable[[Any, dict[str, Any]], nn.Module]
     classes: tuple[type, ...]
     described: str
-    tokenizer: Callable[[Path], Tokenizer] = load_tokenizer
+    tokenizer: Callable[[Path], Any] = load_tokenizer  # a tokenizer, or a vision model's processor
+    describe: Callable[[nn.Module], dict[str, Any]] = lambda model: {}  # metadata the builder needs (a head)
 
 
 REGISTRY: dict[str, ModelKind] = {}
@@ -93,6 +94,29 @@ def _encoder_head(model: nn.Module) -> dict[str, Any]:
     return {}
 
 
+def _build_vision(cfg: Any, meta: dict[str, Any]) -> nn.Module:
+    from triform.models.vision import VisionClassifier, VisionEncoder
+
+    n = int(meta.get("num_labels", 0))
+    return VisionClassifier(cfg, n) if n else VisionEncoder(cfg)
+
+
+def _vision_head(model: nn.Module) -> dict[str, Any]:
+    return {"num_labels": int(getattr(model, "num_labels", 0))}
+
+
+def _load_image_processor(folder: Path) -> Any:
+    from triform.data.processor import ImageProcessor
+
+    return ImageProcessor.load(folder)
+
+
+def _load_clip_processor(folder: Path) -> Any:
+    from triform.data.processor import CLIPProcessor
+
+    return CLIPProcessor.load(folder)
+
+
 def _register_builtin() -> None:
     from triform.models.decoder import DecoderLM
     from triform.models.encoder import (
@@ -107,9 +131,16 @@ def _register_builtin() -> None:
     register_kind(ModelKind(
         "encoder", EncoderConfig, _build_encoder,
         (EncoderForPreTraining, EncoderForSequenceClassification, EncoderForTokenClassification, EncoderForQuestionAnswering),
-        "an encoder",
+        "an encoder", describe=_encoder_head,
     ))
     register_kind(ModelKind("seq2seq", Seq2SeqConfig, lambda cfg, _: Seq2Seq(cfg), (Seq2Seq,), "an encoder-decoder"))
+    from triform.models.clip import CLIP
+    from triform.models.vision import VisionClassifier, VisionEncoder
+
+    register_kind(ModelKind("vision", VisionConfig, _build_vision, (VisionClassifier, VisionEncoder), "a vision encoder (ViT)",
+                            tokenizer=_load_image_processor, describe=_vision_head))
+    register_kind(ModelKind("clip", CLIPConfig, lambda cfg, _: CLIP(cfg), (CLIP,), "a CLIP model",
+                            tokenizer=_load_clip_processor))
 
 
 _register_builtin()
@@ -144,8 +175,9 @@ def save_checkpoint(
     path: Path, model: nn.Module, tokenizer: Tokenizer, *, trainer_state: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename). The model's kind
-    (and an encoder's head) are recorded from the registry; ``extra`` adds run metadata; ``state``
+    """Write a checkpoint folder at ``path`` atomically (temp folder, fsync, rename). ``tokenizer`` is
+    what turns inputs into ids (for ViT and CLIP, their processor: anything with ``save(folder)``).
+    The model's kind (and its head) are recorded from the registry; ``extra`` adds run metadata; ``state``
     replaces ``model.state_dict()`` (a full state dict gathered from shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +186,7 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     kind = kind_of(model)
-    head = _encoder_head(model) if kind.name == "encoder" else {}
+    head = kind.describe(model)
     meta = {"format": FORMAT, "version": 1, "kind": kind.name, **head, "model": model.cfg.to_dict(), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     save_file(model_state(model, state), str(tmp / "model.safetensors"))
@@ -230,6 +262,8 @@ _NEEDS = {
     "decoder": "this command needs a decoder checkpoint.",
     "encoder": "this command needs an encoder checkpoint (from triform pretrain).",
     "seq2seq": "this command needs an encoder-decoder checkpoint.",
+    "vision": "this command needs a ViT checkpoint (from triform train-vision --task classify).",
+    "clip": "this command needs a CLIP checkpoint (from triform train-vision --task clip).",
 }
 
 

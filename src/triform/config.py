@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from triform.errors import ConfigError
 
-FFNKind = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "none"]
+FFNKind = Literal["gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu", "geglu", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
 PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
@@ -230,25 +230,34 @@ def get_preset(name: str) -> DecoderConfig:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}.") from None
 
 
-def count_parameters(cfg: DecoderConfig) -> int:
-    """Number of trainable parameters of a ``DecoderLM`` built from ``cfg``, computed analytically."""
-    s = cfg.stack
+def _norm_parameters(s: StackConfig) -> int:
+    return s.d_model * (2 if s.norm == "layernorm" and s.bias else 1)  # LayerNorm's bias follows the stack's
+
+
+def _stack_parameters(s: StackConfig) -> int:
+    """Parameters of the stack's blocks (attention, FFN and their norms), without embeddings or final norm."""
     assert s.n_kv_heads is not None and s.head_dim is not None and s.d_ff is not None
     d, hd = s.d_model, s.head_dim
     b = 1 if s.bias else 0
     q_out, kv_out = s.n_heads * hd, 2 * s.n_kv_heads * hd
     attn = d * (q_out + kv_out) + b * (q_out + kv_out) + q_out * d + b * d
-    norm = d * (2 if s.norm == "layernorm" and s.bias else 1)  # LayerNorm's bias follows the stack's
+    norm = _norm_parameters(s)
     if s.ffn == "none":
         ffn = 0  # attention-only: neither an FFN nor its norm
     elif s.ffn in ("swiglu", "geglu"):
         ffn = 3 * d * s.d_ff + b * (2 * s.d_ff + d) + norm
     else:
         ffn = 2 * d * s.d_ff + b * (s.d_ff + d) + norm
-    block = attn + norm + ffn
-    total = s.n_layers * block + cfg.vocab_size * d
+    return s.n_layers * (attn + norm + ffn)
+
+
+def count_parameters(cfg: DecoderConfig) -> int:
+    """Number of trainable parameters of a ``DecoderLM`` built from ``cfg``, computed analytically."""
+    s = cfg.stack
+    d = s.d_model
+    total = _stack_parameters(s) + cfg.vocab_size * d
     if s.norm_placement == "pre":
-        total += norm  # final norm
+        total += _norm_parameters(s)  # final norm
     if s.position == "learned":
         total += s.max_seq_len * d
     if not cfg.tie_embeddings:
@@ -479,8 +488,224 @@ def get_seq2seq_preset(name: str) -> Seq2SeqConfig:
         raise ConfigError(f"unknown encoder-decoder preset {name!r}; choose one of: {', '.join(sorted(SEQ2SEQ_PRESETS))}.") from None
 
 
+Pooling = Literal["cls", "mean"]
+VisionFamily = Literal["vit", "clip"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """A Vision Transformer (arXiv 2010.11929): p×p patches embedded linearly, a class token, learned
+    positions, then the shared pre-norm stack (bidirectional) and a final LayerNorm.
+
+    ``pool`` reads the class token ("cls") or the mean of the patch tokens ("mean"); ``patch_bias``
+    is the patch projection's bias (CLIP's has none); ``pre_norm`` adds CLIP's LayerNorm between
+    the embeddings and the blocks; ``pooler`` adds HF ``ViTModel``'s tanh layer over the class token.
+    The stack's ``max_seq_len`` always equals the patch count + 1 (it follows the image and patch size).
+    """
+
+    stack: StackConfig
+    image_size: int = 224
+    patch_size: int = 16
+    channels: int = 3
+    pool: Pooling = "cls"
+    patch_bias: bool = True
+    pre_norm: bool = False
+    pooler: bool = False
+    family: VisionFamily = "vit"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stack, dict):
+            object.__setattr__(self, "stack", StackConfig(**self.stack))
+        for name in ("image_size", "patch_size", "channels"):
+            _check_positive("model", name, getattr(self, name))
+        _check_literal("model", "pool", self.pool, Pooling)
+        _check_literal("model", "family", self.family, VisionFamily)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"model.patch_size ({self.patch_size}) must divide image_size ({self.image_size}).")
+        s = self.stack
+        if s.position != "learned" or s.norm_placement != "pre" or s.ffn in ("swiglu", "geglu", "none"):
+            raise ConfigError("a vision encoder uses learned positions, pre-norm blocks and a plain (GELU-style) FFN.")
+        if s.max_seq_len != self.n_patches + 1:
+            object.__setattr__(self, "stack", dataclasses.replace(s, max_seq_len=self.n_patches + 1))
+
+    @property
+    def grid(self) -> int:
+        """Patches along each side at the training size."""
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid * self.grid
+
+    def replace(self, **changes: Any) -> VisionConfig:
+        """A copy with top-level fields and/or stack fields (by name) replaced."""
+        return _replace_family(self, changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        if not isinstance(data, dict) or "stack" not in data:
+            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
+        try:
+            return cls(stack=StackConfig(**data["stack"]), **{k: v for k, v in data.items() if k != "stack"})
+        except TypeError as exc:
+            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CLIPConfig:
+    """CLIP (arXiv 2103.00020): a causal text tower pooled at the end-of-text token and a ViT image
+    tower, each projected (without bias) to ``projection_dim``, with a learned temperature.
+
+    ``text`` is the text tower's stack (pre-norm, learned positions, ``max_seq_len`` = its context);
+    ``eos_id`` is the end-of-text token the text tower pools at; ``logit_scale_init`` is the initial
+    log inverse temperature, log(1/0.07), clamped to [0, log 100] as open_clip does.
+    """
+
+    text: StackConfig
+    vision: VisionConfig
+    vocab_size: int
+    projection_dim: int = 512
+    eos_id: int = 2
+    pad_id: int = 0
+    logit_scale_init: float = math.log(1 / 0.07)
+    family: str = "clip"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            object.__setattr__(self, "text", StackConfig(**self.text))
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
+        _check_positive("model", "vocab_size", self.vocab_size)
+        _check_positive("model", "projection_dim", self.projection_dim)
+        t = self.text
+        if t.position != "learned" or t.norm_placement != "pre" or t.ffn in ("swiglu", "geglu", "none"):
+            raise ConfigError("CLIP's text tower uses learned positions, pre-norm blocks and a plain (GELU-style) FFN.")
+        for name, value in (("eos_id", self.eos_id), ("pad_id", self.pad_id)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{name} must lie in [0, vocab_size), got {value!r}.")
+        if not isinstance(self.logit_scale_init, (int, float)) or not 0 <= self.logit_scale_init <= math.log(100):
+            raise ConfigError(f"model.logit_scale_init must lie in [0, log 100], got {self.logit_scale_init!r}.")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest caption the text tower's position table allows."""
+        return self.text.max_seq_len
+
+    def replace(self, **changes: Any) -> CLIPConfig:
+        """A copy with top-level fields changed; ``text=`` / ``vision=`` take dicts of their own fields."""
+        data = self.to_dict()
+        for tower in ("text", "vision"):
+            if isinstance(changes.get(tower), dict):
+                sub = changes.pop(tower)
+                data[tower] = (_replace_family(self.vision, sub).to_dict() if tower == "vision"
+                               else dataclasses.asdict(dataclasses.replace(self.text, **_raw_stack(self.text, sub))))
+        unknown = set(changes) - set(data)
+        if unknown:
+            raise ConfigError(f"unknown CLIP config field(s): {', '.join(sorted(unknown))}.")
+        data.update(changes)
+        return CLIPConfig.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLIPConfig:
+        if not isinstance(data, dict) or "text" not in data or "vision" not in data:
+            raise ConfigError("CLIP config must be a JSON object with 'text' and 'vision' entries.")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+
+
+def _vit_stack(d: int, layers: int, heads: int, ff: int, *, act: FFNKind = "gelu", eps: float = 1e-12) -> StackConfig:
+    return StackConfig(d_model=d, n_layers=layers, n_heads=heads, ffn=act, d_ff=ff, norm="layernorm", norm_eps=eps,
+                       norm_placement="pre", position="learned", bias=True)
+
+
+def vit_config(d: int, layers: int, heads: int, ff: int, *, image: int, patch: int, channels: int = 3,
+               pool: Pooling = "cls") -> VisionConfig:
+    """A ViT of HF ``ViTModel``'s shape: GELU, LayerNorm eps 1e-12, biases everywhere."""
+    return VisionConfig(stack=_vit_stack(d, layers, heads, ff), image_size=image, patch_size=patch, channels=channels,
+                        pool=pool)
+
+
+def clip_config(
+    *, vision: tuple[int, int, int, int], text: tuple[int, int, int, int], image: int, patch: int, context: int,
+    vocab: int, projection: int, eos_id: int, pad_id: int = 0,
+) -> CLIPConfig:
+    """CLIP's shape: (d, layers, heads, d_ff) per tower, QuickGELU, LayerNorm eps 1e-5, CLIP's pre-norm
+    on the image tower and no bias on the patch projection."""
+    vd, vl, vh, vf = vision
+    td, tl, th, tf = text
+    tower = VisionConfig(stack=_vit_stack(vd, vl, vh, vf, act="quick_gelu", eps=1e-5), image_size=image,
+                         patch_size=patch, pre_norm=True, patch_bias=False, family="clip")
+    text_stack = dataclasses.replace(_vit_stack(td, tl, th, tf, act="quick_gelu", eps=1e-5), max_seq_len=context)
+    return CLIPConfig(text=text_stack, vision=tower, vocab_size=vocab, projection_dim=projection, eos_id=eos_id,
+                      pad_id=pad_id)
+
+
+BYTE_EOS, BYTE_PAD = 258, 256  # the byte tokenizer's <eos> (where byte-level CLIP pools) and <pad>
+
+VISION_PRESETS: dict[str, VisionConfig] = {
+    # Published shapes: ViT-B/16 and ViT-L/16 (arXiv 2010.11929, Table 1; HF google/vit-base-patch16-224).
+    "vit-base": vit_config(768, 12, 12, 3072, image=224, patch=16),
+    "vit-large": vit_config(1024, 24, 16, 4096, image=224, patch=16),
+    # CPU-sized twins: 32×32 RGB, and 8×8 greyscale for scikit-learn's digits.
+    "vit-base-tiny": vit_config(64, 2, 4, 128, image=32, patch=8),
+    "vit-digits": vit_config(64, 3, 4, 128, image=8, patch=2, channels=1),
+}
+
+CLIP_PRESETS: dict[str, CLIPConfig] = {
+    # openai/clip-vit-base-patch32: ViT-B/32 image tower, 12-layer 512-wide text tower, 77 tokens.
+    "clip-vit-b-32": clip_config(vision=(768, 12, 12, 3072), text=(512, 12, 8, 2048), image=224, patch=32, context=77,
+                                 vocab=49408, projection=512, eos_id=49407),
+    # CPU-sized twins over bytes: 32×32 RGB images, or 8×8 greyscale digits.
+    "clip-vit-b-32-tiny": clip_config(vision=(64, 2, 4, 128), text=(64, 2, 4, 128), image=32, patch=8, context=64,
+                                      vocab=BYTE_VOCAB, projection=64, eos_id=BYTE_EOS, pad_id=BYTE_PAD),
+    "clip-digits": clip_config(vision=(64, 3, 4, 128), text=(64, 2, 4, 128), image=8, patch=2, context=64,
+                               vocab=BYTE_VOCAB, projection=64, eos_id=BYTE_EOS, pad_id=BYTE_PAD).replace(
+                                   vision={"channels": 1}),
+}
+
+
+def get_vision_preset(name: str) -> VisionConfig | CLIPConfig:
+    """The ViT or CLIP preset called exactly ``name``; an unknown name lists the choices."""
+    found = VISION_PRESETS.get(name) or CLIP_PRESETS.get(name)
+    if found is None:
+        choices = sorted([*VISION_PRESETS, *CLIP_PRESETS])
+        raise ConfigError(f"unknown vision preset {name!r}; choose one of: {', '.join(choices)}.")
+    return found
+
+
+def count_vision_parameters(cfg: VisionConfig, num_labels: int = 0) -> int:
+    """Parameters of a ``VisionEncoder`` (``num_labels`` > 0: a ``VisionClassifier``), analytically."""
+    s, d = cfg.stack, cfg.stack.d_model
+    patch = cfg.channels * cfg.patch_size ** 2 * d + (d if cfg.patch_bias else 0)
+    total = patch + d + (cfg.n_patches + 1) * d + _stack_parameters(s) + _norm_parameters(s)  # + cls, positions, final norm
+    if cfg.pre_norm:
+        total += _norm_parameters(s)
+    if cfg.pooler:
+        total += d * d + d
+    if num_labels:
+        total += d * num_labels + num_labels
+    return total
+
+
+def count_clip_parameters(cfg: CLIPConfig) -> int:
+    """Parameters of a ``CLIP`` model: both towers, both projections and the temperature."""
+    t = cfg.text
+    text = cfg.vocab_size * t.d_model + t.max_seq_len * t.d_model + _stack_parameters(t) + _norm_parameters(t)
+    vision = count_vision_parameters(cfg.vision)
+    return text + vision + (t.d_model + cfg.vision.stack.d_model) * cfg.projection_dim + 1
+
+
 __all__ = [
     "StackConfig", "DecoderConfig", "PRESETS", "get_preset", "count_parameters", "BYTE_VOCAB",
     "EncoderConfig", "ENCODER_PRESETS", "get_encoder_preset", "Seq2SeqConfig", "SEQ2SEQ_PRESETS",
-    "get_seq2seq_preset", "t5_config", "byt5_config",
+    "get_seq2seq_preset", "t5_config", "byt5_config", "VisionConfig", "CLIPConfig", "VISION_PRESETS", "CLIP_PRESETS",
+    "get_vision_preset", "vit_config", "clip_config", "count_vision_parameters", "count_clip_parameters",
 ]

@@ -20,7 +20,8 @@ SECTIONS = {  # analysis -> its heading in the report, in the report's order
     "patch": "Activation patching",
     "probe": "Linear probes",
 }
-ANALYSES = (*SECTIONS, "report")
+VISION_SECTIONS = {"rollout": "Attention rollout over image patches"}  # a vision model's report
+ANALYSES = (*SECTIONS, *VISION_SECTIONS, "report")
 DEFAULT_TEXT = "ROMEO:\nBut soft, what light through yonder window breaks?"
 MIN_PROBE_TOKENS = 256
 
@@ -260,11 +261,64 @@ def _probe(model, tokenizer, name: str, out: Path, data: str | None, max_tokens:
     print(f"picture: {result.plot(out / 'probe.png', title=f'{name}: linear probes per layer')}")
 
 
+def _processor(tokenizer):
+    """The image processor of a vision checkpoint's processor (CLIP's holds one beside its tokenizer)."""
+    return getattr(tokenizer, "image", tokenizer)
+
+
+def _rollout(model, tokenizer, name: str, out: Path, images: list[str] | None) -> None:
+    from triform.inspect.vision import attention_rollout, plot_rollout
+
+    proc = _processor(tokenizer)
+    if images:
+        from PIL import Image, UnidentifiedImageError
+
+        pictures, titles = [], []
+        for path in images:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    pictures.append(im.copy())
+            except FileNotFoundError:
+                raise ConfigError(f"--image {path} does not exist.") from None
+            except (UnidentifiedImageError, OSError):
+                raise ConfigError(f"--image {path} is not an image Pillow can read.") from None
+            titles.append(Path(path).name)
+        unit = proc.to_unit(pictures)
+    elif (proc.image_size, proc.channels) == (8, 1):
+        from triform.data.images import DIGIT_WORDS, digits
+
+        test = digits("test")
+        first = [int((test.labels == c).nonzero()[0]) for c in range(10)]  # one test image of each digit
+        unit, titles = test.images[first], [DIGIT_WORDS[c] for c in range(10)]
+    else:
+        raise ConfigError("rollout needs --image FILE (repeatable) for a model that does not read 8×8 digits.")
+    maps = attention_rollout(model, proc.normalize(unit))
+    share = maps.flatten(1).sum(1)
+    tower = type(model).__name__
+    print(f"attention rollout of {name} ({tower}), {maps.shape[1]}×{maps.shape[2]} patches per image: the class "
+          "token's flow from each patch through every layer (head mean, half residual; Abnar & Zuidema 2020)")
+    print("| image | flow from patches | peak patch (row, column) | peak share |")
+    print("|---|---:|---|---:|")
+    for title, m, s_ in zip(titles, maps, share.tolist()):
+        r, c = divmod(int(m.argmax()), m.shape[1])
+        print(f"| {title} | {s_:.3f} | ({r}, {c}) | {float(m.max()) / max(s_, 1e-12):.3f} |")
+    print(f"picture: {plot_rollout(unit, maps, out / 'rollout.png', titles=titles, title=f'{name}: attention rollout')}")
+
+
 def _not_applicable(analysis: str, model, tokenizer, patch_inputs: bool = True) -> str | None:
     """Why ``analysis`` cannot run on this model (a phrase after the analysis's name), or None."""
+    from triform.inspect.vision import is_vision_model
     from triform.models.decoder import DecoderLM
     from triform.models.encoder_decoder import Seq2Seq
 
+    vision = is_vision_model(model)
+    if analysis == "rollout":
+        if not vision:
+            return f"reads vision models (ViT, CLIP), not {_a(type(model).__name__)}"
+        return None if tokenizer is not None else "needs a checkpoint (a preset has no trained weights)"
+    if vision:
+        return f"reads text models; {_a(type(model).__name__)} reads images (rollout reads it)"
     if analysis == "anatomy":
         return None
     if tokenizer is None:
@@ -300,13 +354,13 @@ def _pictures(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def _report(model, name: str, folder: Path, text: str, runners: dict[str, Callable[[], None]],
-            reasons: dict[str, str | None]) -> None:
+            reasons: dict[str, str | None], sections_of: dict[str, str]) -> None:
     """Run every analysis that applies, capturing what it prints and the pictures it writes, and
     write them into ``folder/report.html``."""
     from triform.inspect.report import Section, write_report
 
     sections = []
-    for key, title in SECTIONS.items():
+    for key, title in sections_of.items():
         if reasons[key] is not None:
             sections.append(Section(key, title, skipped=f"{key} {reasons[key]}."))
             print(f"{key}: skipped, {reasons[key]}")
@@ -334,7 +388,7 @@ def inspect(
     analysis: str, checkpoint: str | None = None, preset: str | None = None, token: list[str] | None = None,
     k: int = 10, vocab_sizes: list[int] | None = None, text: str = DEFAULT_TEXT, seed: int = 0,
     corrupt: str | None = None, answer: str | None = None, wrong: str | None = None,
-    data: str | None = None, probe_tokens: int = 4000,
+    data: str | None = None, probe_tokens: int = 4000, image: list[str] | None = None,
     out: str = "inspect", overwrite: bool = False, trust_pickle: bool = False,
 ) -> None:
     """Look inside a model: where its parameters are, what its embeddings encode, what its heads attend to.
@@ -348,7 +402,9 @@ def inspect(
             or probe (linear probes of the residual stream at every layer for features of the text
             -- a speaker's name, a letter's place in its word, vowels for byte vocabularies; word
             starts and capitals for others -- with chance and a shuffled-label control; an
-            encoder-decoder's encoder stack; reads --data) or report (every analysis that applies,
+            encoder-decoder's encoder stack; reads --data) or rollout (attention rollout of a ViT or
+            CLIP image tower over the patches of --image files, by default one test digit of each
+            class for a digits model) or report (every analysis that applies,
             tables and pictures in one self-contained page, OUT/report.html; patch only with
             --corrupt, --answer and --wrong).
         checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
@@ -363,6 +419,7 @@ def inspect(
         wrong: patch: the token the corrupted input favours instead.
         data: probe: a UTF-8 text file to probe on (default: Hamlet from the Shakespeare corpus cache).
         probe_tokens: probe: how many tokens of the text to read (cut into windows of the model's length).
+        image: rollout: an image file (repeatable).
         out: Folder for the pictures (and report.html).
         overwrite: Write into `out` even though it holds other files.
         trust_pickle: Allow loading pickled (.bin) weights from a HF folder.
@@ -387,10 +444,14 @@ def inspect(
         "heads": lambda: _heads(model, tokenizer, name, folder, seed),
         "patch": lambda: _patch(model, tokenizer, name, folder, text, corrupt, answer, wrong),
         "probe": lambda: _probe(model, tokenizer, name, folder, data, probe_tokens, seed),
+        "rollout": lambda: _rollout(model, tokenizer, name, folder, image),
     }
     if analysis == "report":
-        reasons = {key: _not_applicable(key, model, tokenizer, patch_inputs) for key in SECTIONS}
-        _report(model, name, folder, text, runners, reasons)
+        from triform.inspect.vision import is_vision_model
+
+        sections_of = VISION_SECTIONS if is_vision_model(model) else SECTIONS
+        reasons = {key: _not_applicable(key, model, tokenizer, patch_inputs) for key in sections_of}
+        _report(model, name, folder, text, runners, reasons, sections_of)
     else:
         runners[analysis]()
 

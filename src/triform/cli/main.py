@@ -42,7 +42,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 }
 CONFIGS: dict[str, type] = {"train": training.TrainConfig, "pretrain": training.PretrainFlags, "finetune": training.FinetuneConfig}
 
-LIST_FLAGS = {"stop", "token"}
+LIST_FLAGS = {"stop", "token", "image"}
 OPTIONAL_POSITIONALS = {
     "generate": {"prompt": "The text to continue (or use --prompts FILE)."},
     "search": {"query": "What to look for (without it, only build the index)."},

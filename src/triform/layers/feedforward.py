@@ -12,6 +12,7 @@ from triform.layers.hooks import HookScope, hook
 _ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # CLIP's approximation (arXiv 2103.00020)
     "relu": F.relu,
     "swiglu": F.silu,
     "geglu": lambda x: F.gelu(x, approximate="tanh"),

@@ -63,6 +63,25 @@ class EncoderEmbeddings(nn.Module):
         return self.proj(x) if self.proj is not None else x  # (B, T, d)
 
 
+def run_blocks(
+    owner: nn.Module, blocks: nn.ModuleList, x: Tensor, *, n_layers: int | None = None,
+    attention_mask: Tensor | None = None, causal: bool = False,
+) -> Tensor:
+    """The shared stack over embeddings ``x`` (B, T, d), whatever made them (tokens, image patches):
+    every block in turn (one block applied ``n_layers`` times when ``blocks`` holds one, ALBERT's
+    sharing), bidirectional or ``causal``. ``attention_mask`` (B, T) hides padded keys from every
+    query. ``owner`` is the hookable model the blocks belong to (each application is reported to it)."""
+    inputs = AttentionInputs(is_causal=causal)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        if causal:
+            raise ValueError("a causal stack here takes right-padded rows without a mask (padding follows every real token).")
+        inputs.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk): padded keys hidden
+    for i in range(len(blocks) if n_layers is None else n_layers):
+        enter_block(owner, i)  # ALBERT's shared block reports each application as layer i
+        x = blocks[0 if len(blocks) == 1 else i](x, inputs)
+    return x
+
+
 class Encoder(nn.Module):
     """The bidirectional stack: ``forward(tokens, attention_mask=, token_type_ids=)`` -> (B, T, d).
 
@@ -103,14 +122,7 @@ class Encoder(nn.Module):
             if tokens.shape[1] > self.cfg.max_tokens:
                 raise ValueError(f"{tokens.shape[1]} tokens exceed the model's {self.cfg.max_tokens} positions")
             embeddings = self.embeddings(tokens, token_type_ids, attention_mask)
-        x = embeddings  # (B, T, d)
-        inputs = AttentionInputs()
-        if attention_mask is not None and not bool(attention_mask.all()):
-            inputs.mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Tk): padded keys hidden
-        for i in range(self.cfg.stack.n_layers):
-            enter_block(self, i)  # ALBERT's shared block reports each application as layer i
-            x = self.blocks[0 if self.cfg.share_layers else i](x, inputs)
-        return x
+        return run_blocks(self, self.blocks, embeddings, n_layers=self.cfg.stack.n_layers, attention_mask=attention_mask)
 
     def forward_packed(self, sequences: list[Tensor], token_type_ids: list[Tensor] | None = None) -> list[Tensor]:
         """Encode sequences of different lengths without padding: their tokens are packed into one row,
