@@ -122,3 +122,34 @@ def test_inspect_rollout_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert main(["inspect", "rollout", str(clip), *args, "--out", str(tmp_path / "c"), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()
         assert words in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_inspect_rollout_reads_a_hugging_face_vit_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder transformers wrote (ViTForImageClassification + its image processor config) is read
+    through the interop map, and the rollout equals the one of the same weights in triform."""
+    import transformers
+
+    from triform.interop.hf_vision import load_hf_vision
+
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=4,
+        num_channels=3, num_labels=3, attn_implementation="eager")).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ImageProcessor(16, 3).save(tmp_path / "hf")
+    assert main(["inspect", "rollout", str(tmp_path / "hf"), "--image", str(_png(tmp_path)), "--out",
+                 str(tmp_path / "o")]) == 0
+    assert "4×4 patches" in capsys.readouterr().out
+    model, proc, _ = load_hf_vision(tmp_path / "hf")
+    x = proc(np.asarray([np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)]))
+    with torch.no_grad():
+        out = hf(pixel_values=x, output_attentions=True)
+    torch.testing.assert_close(attention_patterns(model, x), torch.stack(out.attentions), rtol=1e-5, atol=1e-6)
+
+
+def _png(folder: Path) -> Path:
+    from PIL import Image
+
+    path = folder / "rgb.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    return path

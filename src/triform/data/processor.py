@@ -28,7 +28,11 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 @dataclass(frozen=True)
 class ImageProcessor:
     """Images -> (B, C, S, S) float tensors: converted to ``channels``, resized to ``image_size``
-    (bicubic with antialiasing), scaled to [0, 1], then ``(x - mean) / std`` per channel."""
+    (bicubic with antialiasing), scaled to [0, 1], then ``(x - mean) / std`` per channel.
+
+    The resize goes straight to a square; Hugging Face's CLIP processor resizes the shortest edge and
+    crops the centre instead, so a non-square photo is framed differently (square inputs agree up to
+    the resampling filter)."""
 
     image_size: int
     channels: int = 3
@@ -110,9 +114,10 @@ class ImageProcessor:
     def from_dict(cls, data: dict[str, Any]) -> ImageProcessor:
         size = data.get("size", {})
         side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
-        mean = data.get("image_mean", [0.5])
+        mean, std = data.get("image_mean", [0.5]), data.get("image_std", [0.5])
+        mean, std = ([v] if isinstance(v, (int, float)) else v for v in (mean, std))  # one value for every channel
         channels = int(data.get("triform", {}).get("channels", len(mean)))
-        return cls(image_size=int(side), channels=channels, mean=tuple(mean), std=tuple(data.get("image_std", [0.5])))
+        return cls(image_size=int(side), channels=channels, mean=tuple(mean), std=tuple(std))
 
     @classmethod
     def load(cls, directory: Path) -> ImageProcessor:

@@ -1,5 +1,5 @@
 """Any model triform can read, for inspection: triform checkpoints of every kind, Hugging Face
-folders (GPT-2 / Llama / Mistral, T5, BERT-family encoders) and GGUF files; or a preset by name,
+folders (GPT-2 / Llama / Mistral, T5, BERT-family encoders, ViT, CLIP) and GGUF files; or a preset by name,
 built on the meta device (shapes only) for the parameter anatomy."""
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ def load_model(path: Path | str, *, trust_pickle: bool = False) -> tuple[nn.Modu
         from triform.checkpoint import load_checkpoint
 
         return load_checkpoint(path, kind=None)
+    if fmt == "hf" and _hf_model_type(path) in ("vit", "clip"):
+        from triform.data.processor import PREPROCESSOR_FILE, ImageProcessor
+        from triform.interop.hf_vision import load_hf_vision
+
+        model, processor, meta = load_hf_vision(path, trust_pickle=trust_pickle)
+        if processor is None and (path / PREPROCESSOR_FILE).is_file():
+            processor = ImageProcessor.load(path)  # what rollout needs of a CLIP folder without triform's tokenizer
+        return model, processor, meta
     if fmt == "hf" and _hf_model_type(path) in ENCODER_TYPES:
         encoder, tokenizer = load_encoder(path, trust_pickle=trust_pickle)
         return encoder.eval(), tokenizer, {"source": str(path), "format": "hf"}

@@ -70,6 +70,10 @@ def load_pretrained(
     from triform.interop.hf import load_hf, read_hf_config, read_hf_tensors
     from triform.tokenizers.hf import HFTokenizer
 
+    vision = {"vit": "ViT", "clip": "CLIP"}.get(str(_hf_model_type(path)))
+    if vision:
+        raise CheckpointError(f"{path} holds a Hugging Face {vision} model, not a decoder; load it with "
+                              f"triform.interop.hf_vision.load_hf_vision, or triform convert it.")
     if _hf_model_type(path) in ("t5", "mt5"):
         if not allow_seq2seq:
             raise CheckpointError(f"{path} holds an encoder-decoder (T5) model; this command needs a decoder.")

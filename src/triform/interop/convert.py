@@ -1,6 +1,7 @@
 """Converting checkpoints between triform's format and Hugging Face's (and from GGUF): decoders
 (GPT-2, Llama, Mistral layouts), encoders (BERT, RoBERTa, ALBERT, DistilBERT) and encoder-decoders
-(T5 / ByT5), each with a tokenizer ``transformers.AutoTokenizer`` loads. The output folder is
+(T5 / ByT5), each with a tokenizer ``transformers.AutoTokenizer`` loads; vision models (ViT, CLIP)
+with their image processor (and a CLIP model's triform tokenizer). The output folder is
 claimed first, so a folder holding a user's files is never replaced without ``overwrite``; the new
 folder is built beside it and swapped in whole.
 """
@@ -64,22 +65,27 @@ def _check_apart(src: Path, dst: Path) -> None:
 
 def _load_any(src: Path, kind: str, trust_pickle: bool):
     """(model, tokenizer, model kind, metadata) from any checkpoint convert reads; triform checkpoints
-    of every registered kind, HF decoder and T5 folders, GGUF files."""
+    of every registered kind, HF decoder, T5, ViT and CLIP folders, GGUF files."""
     if kind == "triform":
         from triform.checkpoint import checkpoint_kind, load_checkpoint
 
         model_kind = checkpoint_kind(src)
         model, tokenizer, meta = load_checkpoint(src, kind=None)
         return model, tokenizer, model_kind, meta
-    from triform.interop import load_pretrained
+    from triform.interop import _hf_model_type, load_pretrained
     from triform.models.encoder_decoder import Seq2Seq
+
+    if kind == "hf" and _hf_model_type(src) in ("vit", "clip"):
+        from triform.interop.hf_vision import hf_vision_checkpoint
+
+        return hf_vision_checkpoint(src, trust_pickle=trust_pickle)  # (model, processor, "vision" | "clip", meta)
 
     model, tokenizer, meta = load_pretrained(src, trust_pickle=trust_pickle, allow_seq2seq=True)
     return model, tokenizer, "seq2seq" if isinstance(model, Seq2Seq) else "decoder", meta
 
 
 def _write_hf(model, tokenizer, model_kind: str, meta: dict[str, Any], folder: Path, shard_bytes: int) -> None:
-    """An HF folder for a decoder, encoder or encoder-decoder, tokenizer included."""
+    """An HF folder for a decoder, encoder, encoder-decoder or vision model, tokenizer (or processor) included."""
     import json
 
     from triform.interop.hf_tokenizer import save_hf_tokenizer
@@ -101,5 +107,9 @@ def _write_hf(model, tokenizer, model_kind: str, meta: dict[str, Any], folder: P
 
         save_hf_t5(model, folder)
         save_hf_tokenizer(tokenizer, folder, model_kind="seq2seq")  # triform reads its own kind back from it too
+    elif model_kind in ("vision", "clip"):
+        from triform.interop.hf_vision import save_hf_vision
+
+        save_hf_vision(model, folder, processor=tokenizer, labels=meta.get("labels"))  # tokenizer: its processor
     else:
         raise ConfigError(f"a {model_kind!r} checkpoint has no Hugging Face export.")
