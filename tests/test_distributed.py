@@ -185,6 +185,21 @@ def test_pretrain_and_finetune_run_under_torchrun(tmp_path: Path, corpus_file: P
     assert meta["labels"] == ["noble", "royal"]
 
 
+def test_train_vision_runs_under_torchrun(tmp_path: Path) -> None:
+    """ViT and CLIP through the same distributed loop: DDP over 2 ranks, each step's global batch
+    split between them, rank 0 alone reporting and saving; the checkpoint loads."""
+    launch = [sys.executable, "-m", "triform", "launch", "--standalone", "--nproc-per-node", "2", "train-vision"]
+    for task, kind in (("classify", "vision"), ("clip", "clip")):
+        out = tmp_path / task
+        run = subprocess.run([*launch, "--task", task, "--batch-size", "16", "--max-steps", "5", "--out", str(out),
+                              "--progress", "false"], env=_env(), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "ddp over 2 ranks" in run.stderr and run.stdout.count("checkpoint: ") == 1
+        assert len(_train_lines(out)) == 5
+        model, _, meta = load_checkpoint(out, kind=kind)
+        assert meta["task"] == task and torch.isfinite(next(model.parameters())).all()
+
+
 def _pids_with(marker: str, rank: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():

@@ -84,10 +84,15 @@ def test_rollout_follows_attention_to_one_patch() -> None:
 
 def test_clip_image_tower_and_other_sizes() -> None:
     torch.manual_seed(0)
-    clip = CLIP(CLIP_PRESETS["clip-digits"]).eval()
-    assert attention_patterns(clip, torch.randn(2, 1, 8, 8)).shape == (3, 2, 4, 17, 17)
-    vit = VisionClassifier(VISION_PRESETS["vit-digits"], 10).eval()
-    assert attention_rollout(vit, torch.randn(1, 1, 16, 16)).shape == (1, 8, 8)  # positions resized
+    ccfg = CLIP_PRESETS["clip-digits"]
+    clip = CLIP(ccfg).eval()
+    v = ccfg.vision
+    assert attention_patterns(clip, torch.randn(2, 1, 8, 8)).shape == (v.stack.n_layers, 2, v.stack.n_heads,
+                                                                        1 + v.n_patches, 1 + v.n_patches)
+    cfg = VISION_PRESETS["vit-digits"]
+    vit = VisionClassifier(cfg, 10).eval()
+    grid = 16 // cfg.patch_size
+    assert attention_rollout(vit, torch.randn(1, 1, 16, 16)).shape == (1, grid, grid)  # positions resized
 
 
 def test_confusion_matrix_matches_scikit_learn() -> None:

@@ -67,7 +67,8 @@ def test_bad_vision_configs_name_the_field() -> None:
         CLIP_PRESETS["clip-digits"].replace(logit_scale_init=9.0)
     with pytest.raises(ConfigError, match="unknown vision preset 'vit-huge'; choose one of: clip-digits"):
         get_vision_preset("vit-huge")
-    assert CLIP_PRESETS["clip-digits"].replace(vision={"image_size": 16}).vision.n_patches == 64
+    patch = CLIP_PRESETS["clip-digits"].vision.patch_size
+    assert CLIP_PRESETS["clip-digits"].replace(vision={"image_size": 16}).vision.n_patches == (16 // patch) ** 2 > 4
 
 
 def test_image_processor_normalises_resizes_and_round_trips(tmp_path: Path) -> None:
@@ -126,3 +127,14 @@ def test_vision_checkpoints_round_trip_and_refuse_other_kinds(tmp_path: Path) ->
     with pytest.raises(CheckpointError, match="no preprocessor_config.json"):
         load_checkpoint(tmp_path / "vit", kind="vision")
     assert not isinstance(model, DecoderLM)
+
+
+def test_image_processor_reads_pil_images_of_different_sizes_and_modes() -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    a = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    b = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8))  # greyscale, already the model's size
+    out = ImageProcessor(8, 1).to_unit([a, b])
+    assert out.shape == (2, 1, 8, 8)
+    torch.testing.assert_close(out[1, 0], torch.from_numpy(np.asarray(b, dtype=np.float32) / 255))

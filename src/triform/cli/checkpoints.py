@@ -100,6 +100,33 @@ def presets() -> None:
             f"{name:<22} {c.family:<6} {f'{e.n_layers}/{c.decoder.n_layers}':>7} {e.d_model:>7} {e.n_heads:>5} {e.head_dim:>4} "
             f"{e.ffn:<5} {e.d_ff:>5} {c.vocab_size:>6} {'yes' if c.tie_embeddings else 'no':>4} {size:>10}"
         )
+    _vision_presets()
+
+
+def _vision_presets() -> None:
+    """The ViT and CLIP tables of ``presets``."""
+    from triform.config import CLIP_PRESETS, VISION_PRESETS, count_clip_parameters, count_vision_parameters
+
+    print()
+    header = (f"{'vision preset':<20} {'family':<6} {'layers':>6} {'d_model':>7} {'heads':>5} {'ffn':<10} {'image':>5} "
+              f"{'patch':>5} {'channels':>8} {'pool':<4} {'params':>10}")
+    print(header)
+    print("-" * len(header))
+    for name, v in VISION_PRESETS.items():
+        s = v.stack
+        print(f"{name:<20} {v.family:<6} {s.n_layers:>6} {s.d_model:>7} {s.n_heads:>5} {s.ffn:<10} {v.image_size:>5} "
+              f"{v.patch_size:>5} {v.channels:>8} {v.pool:<4} {_size(count_vision_parameters(v)):>10}")
+    print()
+    header = (f"{'CLIP preset':<20} {'image tower':<22} {'text tower':<16} {'context':>7} {'vocab':>6} {'proj':>5} "
+              f"{'params':>10}")
+    print(header)
+    print("-" * len(header))
+    for name, c in CLIP_PRESETS.items():
+        v, t = c.vision, c.text
+        image = f"{v.stack.n_layers}x{v.stack.d_model} {v.image_size}px/{v.patch_size} c{v.channels}"
+        text = f"{t.n_layers}x{t.d_model}, {t.n_heads} heads"
+        print(f"{name:<20} {image:<22} {text:<16} {c.max_tokens:>7} {c.vocab_size:>6} {c.projection_dim:>5} "
+              f"{_size(count_clip_parameters(c)):>10}")
 
 
 def convert(

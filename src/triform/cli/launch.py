@@ -13,10 +13,10 @@ import socket
 import sys
 import time
 
-LAUNCHABLE = ("train", "pretrain", "finetune")
+LAUNCHABLE = ("train", "pretrain", "finetune", "train-vision")
 DEFAULT_JOIN_TIMEOUT_S = 600.0  # torchrun's own default for joining a rendezvous
 
-USAGE = """usage: triform launch [torchrun options] {train,pretrain,finetune} [command flags]
+USAGE = """usage: triform launch [torchrun options] {train,pretrain,finetune,train-vision} [command flags]
 
 Runs the triform command on every process torchrun starts (see `python -m torch.distributed.run --help`
 for the options). One machine, 2 processes:

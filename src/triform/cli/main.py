@@ -18,7 +18,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from triform.cli import checkpoints, encoders, generation, training
+from triform.cli import checkpoints, encoders, generation, training, vision
 from triform.cli import serve as serving
 from triform.cli.inspect import inspect as inspect_model
 from triform.cli.common import WEIGHT_MODES
@@ -38,15 +38,21 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "train": training.train, "generate": generation.generate, "chat": generation.chat, "eval": checkpoints.evaluate,
     "convert": checkpoints.convert, "presets": checkpoints.presets, "embed": encoders.embed, "search": encoders.search,
     "pretrain": training.pretrain, "fill": encoders.fill, "finetune": training.finetune, "inspect": inspect_model,
-    "serve": serving.serve,
+    "serve": serving.serve, "train-vision": vision.train_vision, "classify-image": vision.classify_image,
+    "zero-shot": vision.zero_shot,
 }
-CONFIGS: dict[str, type] = {"train": training.TrainConfig, "pretrain": training.PretrainFlags, "finetune": training.FinetuneConfig}
+CONFIGS: dict[str, type] = {"train": training.TrainConfig, "pretrain": training.PretrainFlags, "finetune": training.FinetuneConfig,
+                            "train-vision": vision.VisionTrainConfig}
 
-LIST_FLAGS = {"stop", "token", "image"}
+LIST_FLAGS = {"stop", "token", "image", "templates"}
 OPTIONAL_POSITIONALS = {
     "generate": {"prompt": "The text to continue (or use --prompts FILE)."},
     "search": {"query": "What to look for (without it, only build the index)."},
     "inspect": {"checkpoint": "A triform checkpoint or run folder, a Hugging Face folder or a GGUF file."},
+}
+LIST_POSITIONALS = {  # one or more values after the other positionals
+    "classify-image": {"images": "Image files (PNG, JPEG, ...) or folders of them."},
+    "zero-shot": {"images": "Image files (PNG, JPEG, ...) or folders of them."},
 }
 
 
@@ -167,9 +173,12 @@ def build_parser() -> ArgumentParser:
         p.command_name = name
         if name == "train":
             p.add_argument("--config", action=ActionConfigFile, help="YAML or JSON file of flag values; later flags override it.")
-        p.add_function_arguments(fn, as_positional=True, skip={"cfg", "model", *OPTIONAL_POSITIONALS.get(name, {})})
+        skip = {"cfg", "model", *OPTIONAL_POSITIONALS.get(name, {}), *LIST_POSITIONALS.get(name, {})}
+        p.add_function_arguments(fn, as_positional=True, skip=skip)
         for arg, help_text in OPTIONAL_POSITIONALS.get(name, {}).items():
             p.add_argument(arg, nargs="?", default=None, help=help_text)
+        for arg, help_text in LIST_POSITIONALS.get(name, {}).items():
+            p.add_argument(arg, nargs="+", help=help_text)
         if name in CONFIGS:
             p.add_class_arguments(CONFIGS[name], nested_key=None)
         if name == "train":

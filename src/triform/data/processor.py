@@ -67,8 +67,10 @@ class ImageProcessor:
                 x = (x.float() / 255.0)
                 x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
             x = x.float()
-        elif isinstance(images, Sequence):
-            x = torch.stack([self._from_pil(im) for im in images])
+        elif isinstance(images, Sequence):  # PIL images, each resized on its own (their sizes may differ)
+            if not images:
+                raise DataError("no images given.")
+            return torch.cat([self.to_unit(self._from_pil(im)[None]) for im in images])
         else:
             raise DataError(f"cannot read images from a {type(images).__name__}.")
         if x.dim() != 4:

@@ -134,9 +134,10 @@ def claim_run_dir(out_dir: Path | str, *, command: str, resume: bool = False, ov
 def model_width(model: nn.Module) -> int:
     """The model's hidden width, for sizing the precision measurement."""
     cfg = getattr(model, "cfg", None)
-    for stack in (getattr(cfg, "stack", None), getattr(cfg, "encoder", None)):
+    vision = getattr(cfg, "vision", None)  # CLIP: the wider of its two towers
+    for stack in (getattr(cfg, "stack", None), getattr(cfg, "encoder", None), getattr(cfg, "text", None)):
         if stack is not None:
-            return int(stack.d_model)
+            return max(int(stack.d_model), int(vision.stack.d_model) if vision is not None else 0)
     return 512
 
 
