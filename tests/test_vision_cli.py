@@ -33,18 +33,18 @@ def _train(out: Path, task: str, steps: int, capsys: pytest.CaptureFixture[str])
 
 @pytest.fixture(scope="module")
 def pngs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """Six test digits as 24×24 greyscale PNGs (one saved as RGB, one as RGBA: they are converted)."""
+    """The first 24 test digits as 24×24 greyscale PNGs (one saved as RGB, one as RGBA: they are converted)."""
     folder = tmp_path_factory.mktemp("pngs")
     test = digits("test")
     truth = []
-    for i in range(6):
+    for i in range(24):
         pixels = (test.images[i, 0].numpy() * 255).round().astype(np.uint8)
         image = Image.fromarray(pixels, mode="L").resize((24, 24), Image.Resampling.NEAREST)
         if i == 1:
             image = image.convert("RGB")
         if i == 2:
             image = image.convert("RGBA")
-        image.save(folder / f"digit{i}.png")
+        image.save(folder / f"digit{i:02d}.png")
         truth.append(DIGIT_WORDS[int(test.labels[i])])
     return folder, truth
 
@@ -76,15 +76,15 @@ def test_train_vision_classify_then_classify_image(tmp_path: Path, pngs: tuple[P
     assert out[2] == f"checkpoint: {tmp_path / 'vit' / 'checkpoint'}" and (tmp_path / "vit" / "checkpoint").is_dir()
 
     folder, truth = pngs
-    files = [str(folder / f"digit{i}.png") for i in range(3)]
+    files = [str(folder / f"digit{i:02d}.png") for i in range(3)]
     assert main(["classify-image", str(tmp_path / "vit"), *files, "--top-k", "2"]) == 0
     parsed = _parse_top(capsys.readouterr().out.strip().splitlines(), set(DIGIT_WORDS), 2)
     assert [f for f, _ in parsed] == files
     assert main(["classify-image", str(tmp_path / "vit" / "checkpoint"), str(folder)]) == 0  # a folder, sorted
     parsed = _parse_top(capsys.readouterr().out.strip().splitlines(), set(DIGIT_WORDS), 3)
-    assert [Path(f).name for f, _ in parsed] == [f"digit{i}.png" for i in range(6)]
+    assert [Path(f).name for f, _ in parsed] == [f"digit{i:02d}.png" for i in range(24)]
     correct = sum(pairs[0][0] == true for (_, pairs), true in zip(parsed, truth))
-    assert correct >= 5, (parsed, truth)  # 200 steps already classify most test digits
+    assert correct >= 18, (parsed, truth)  # 200 steps already classify most test digits (chance: 2 or 3 of 24)
 
 
 def test_train_vision_clip_then_zero_shot(tmp_path: Path, pngs: tuple[Path, list[str]],
@@ -96,13 +96,13 @@ def test_train_vision_clip_then_zero_shot(tmp_path: Path, pngs: tuple[Path, list
     assert scores and all(0 <= float(v) <= 1 for v in scores.groups()), out[1]
     folder, _ = pngs
     # defaults: the recorded class names and held-out templates
-    assert main(["zero-shot", str(tmp_path / "clip"), str(folder / "digit0.png"), str(folder / "digit1.png")]) == 0
+    assert main(["zero-shot", str(tmp_path / "clip"), str(folder / "digit00.png"), str(folder / "digit01.png")]) == 0
     _parse_top(capsys.readouterr().out.strip().splitlines(), set(DIGIT_WORDS), 3)
     argv = ["zero-shot", str(tmp_path / "clip"), str(folder), "--labels", "cat, dog,bird", "--templates", "a {}",
             "--templates", "a photo of a {}", "--top-k", "5"]
     assert main(argv) == 0
     parsed = _parse_top(capsys.readouterr().out.strip().splitlines(), {"cat", "dog", "bird"}, 3)  # k capped at 3
-    assert len(parsed) == 6
+    assert len(parsed) == 24
 
 
 def test_presets_list_vision_and_clip_models(capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +141,7 @@ def test_vision_commands_refuse_bad_input_in_one_sentence(checkpoints: dict[str,
                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = checkpoints["root"]
     folder, _ = pngs
-    png = str(folder / "digit0.png")
+    png = str(folder / "digit00.png")
     bad_image = tmp_path / "broken.png"
     bad_image.write_bytes(b"\x89PNG not really")
     assert "unknown vision preset 'vit-huge'" in cli_error(capsys, ["train-vision", "--preset", "vit-huge"])
