@@ -74,6 +74,8 @@ def test_train_vision_classify_then_classify_image(tmp_path: Path, pngs: tuple[P
     acc = re.match(r"held-out \(359 images\): test accuracy (\d\.\d{4})$", out[1])
     assert acc and 0.0 <= float(acc[1]) <= 1.0, out[1]
     assert out[2] == f"checkpoint: {tmp_path / 'vit' / 'checkpoint'}" and (tmp_path / "vit" / "checkpoint").is_dir()
+    assert out[3] == f"confusion matrix: {tmp_path / 'vit' / 'confusion.png'}"
+    assert (tmp_path / "vit" / "confusion.png").stat().st_size > 5000
 
     folder, truth = pngs
     files = [str(folder / f"digit{i:02d}.png") for i in range(3)]

@@ -31,6 +31,10 @@ def test_vit_reaches_95_percent_on_held_out_digits(tmp_path: Path) -> None:
     assert accuracy >= 0.95, f"test accuracy {accuracy:.4f}"
     assert result.accuracy == pytest.approx(accuracy, abs=1e-6)
     assert meta["labels"] == list(DIGIT_WORDS) and meta["num_labels"] == 10 and len(test) == 359
+    from sklearn.metrics import confusion_matrix
+
+    expected = confusion_matrix(test.labels.numpy(), predicted.numpy(), labels=list(range(10)))
+    assert result.confusion is not None and (result.confusion.numpy() == expected).all()
 
 
 def test_clip_zero_shot_reaches_90_percent_with_held_out_templates(tmp_path: Path) -> None:

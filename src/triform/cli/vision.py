@@ -3,6 +3,7 @@ over the vision parts of the library (``triform.training.vision``, ``triform.inf
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,12 @@ def train_vision(
     if scores:
         print(f"held-out ({r.held_out} images): " + "; ".join(scores))
     print(f"checkpoint: {r.checkpoint}")
+    if r.confusion is not None and r.class_names and os.environ.get("RANK", "0") in ("", "0"):
+        from triform.inspect.vision import plot_confusion
+
+        path = plot_confusion(r.confusion, r.class_names, Path(out) / "confusion.png",
+                              title=f"held-out confusion matrix, accuracy {r.accuracy:.3f}")
+        print(f"confusion matrix: {path}")
 
 
 def _load_images(images: list[str] | None) -> tuple[list[Path], list[Any]]:

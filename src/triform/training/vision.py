@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from triform.checkpoint import load_checkpoint
 from triform.config import CLIPConfig, VisionConfig, get_vision_preset
@@ -276,6 +276,8 @@ class VisionResult:
     image_to_text: float | None = None
     text_to_image: float | None = None
     word_order: float | None = None
+    confusion: Tensor | None = None  # a classifier's (K, K) counts on the held-out images: true rows, predicted columns
+    class_names: list[str] | None = None
 
     @property
     def checkpoint(self) -> Path | None:
@@ -289,7 +291,10 @@ def _held_out_scores(model: nn.Module, processor: Any, data: VisionData, result:
     result.held_out = len(test)
     if isinstance(model, VisionClassifier):
         probs = classify_images(model, processor, test.images)
-        result.accuracy = float((probs.argmax(dim=-1) == test.labels).float().mean())
+        predicted, k = probs.argmax(dim=-1), len(test.class_names)
+        result.accuracy = float((predicted == test.labels).float().mean())
+        result.confusion = torch.bincount(test.labels * k + predicted, minlength=k * k).view(k, k)
+        result.class_names = list(test.class_names)
         return
     if data.by_label:
         probs = zero_shot(model, processor, test.images, list(test.class_names), data.test_templates)
