@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/encoders.py
 	$(BIN)/python benchmarks/ul2.py --seq2seq
 	$(BIN)/python benchmarks/chat_cost.py
+	$(BIN)/python benchmarks/vision.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

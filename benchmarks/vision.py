@@ -107,20 +107,24 @@ def part_a(args) -> None:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    from triform.training.vision import VisionTrainConfig
+
     train, test, proc = digit_data()
-    cfg = VISION_PRESETS["vit-digits"]
+    d = VisionTrainConfig(task="classify")  # train-vision's defaults, for both ViTs
+    cfg = VISION_PRESETS[d.preset]
     print(f"\n(a) held-out digits at an equal budget of {args.budget:.0f} s each ({len(train)} train / {len(test)} test "
-          f"images, 8×8); ViT shape: d={cfg.stack.d_model}, {cfg.stack.n_layers} layers, {cfg.stack.n_heads} heads, "
-          f"patch {cfg.patch_size}, batch {args.batch}, AdamW lr {args.lr}, shifts of up to 1 pixel")
+          f"images, 8×8); ViT shape ({d.preset}): d={cfg.stack.d_model}, {cfg.stack.n_layers} layers, "
+          f"{cfg.stack.n_heads} heads, patch {cfg.patch_size}; train-vision's defaults: batch {d.batch_size}, AdamW lr "
+          f"{d.lr}, weight decay {d.weight_decay}, beta2 {d.beta2}, warm-up 10%, cosine decay")
     rows = []
     for name, build in (("triform ViT", lambda: VisionClassifier(cfg, 10)),
                         ("transformers ViTForImageClassification", lambda: HFClassifier(hf_vit(cfg, 10)))):
         torch.manual_seed(0)
         model = build()
-        objective = ImageClassification(train.images, train.labels, proc.normalize, batch_size=args.batch, max_shift=1)
-        targs = TrainArgs(batch_size=args.batch, lr=args.lr, warmup_steps=50, time_budget=f"{args.budget}s",
-                          max_steps=None, weight_decay=0.05, beta2=0.999, precision="float32", progress=False,
-                          eval_interval=10**9, seed=0)
+        objective = ImageClassification(train.images, train.labels, proc.normalize, batch_size=d.batch_size)
+        targs = TrainArgs(batch_size=d.batch_size, lr=d.lr, warmup_steps=None, time_budget=f"{args.budget}s",
+                          max_steps=None, weight_decay=d.weight_decay, beta2=d.beta2, precision="float32",
+                          progress=False, eval_interval=10**9, seed=args.seed)
         r = fit(model, objective, targs, log=lambda _: None)
         n = sum(p.numel() for p in model.parameters())
         rows.append((name, n, r.steps, r.seconds, accuracy(model, proc, test.images, test.labels)))
@@ -189,9 +193,8 @@ def part_b(args) -> None:
         theirs = hf_copy(ours, "CLIPModel")
         v = cfg.vision
         images = torch.rand(batch, v.channels, v.image_size, v.image_size, generator=g)
-        tokens = proc.texts(captions[:batch])
         norm = ImageProcessor(v.image_size, v.channels).normalize
-        obj = Contrastive(images, tokens, norm, pad_id=cfg.pad_id, batch_size=batch)
+        obj = Contrastive(images, captions[:batch], proc.texts, norm, pad_id=cfg.pad_id, batch_size=batch)
         t = _rounds({"triform": _stepper(ours, obj), "hf": _stepper(HFCLIP(theirs), obj)}, args.rounds, args.steps)
         _throughput_row(label, batch, t)
 
@@ -268,8 +271,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=60.0, help="seconds of training per system in (a), (c), (d)")
     p.add_argument("--parts", default="abcd")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)

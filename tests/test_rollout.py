@@ -122,7 +122,7 @@ def test_inspect_rollout_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     for args, words in (
         (["--image", str(tmp_path / "bad.png")], "not an image"),
         (["--image", str(tmp_path / "missing.png")], "does not exist"),
-        ([], "needs --image"),
+        ([], "needs --image FILE (repeatable) for a colour model"),
     ):
         assert main(["inspect", "rollout", str(clip), *args, "--out", str(tmp_path / "c"), "--overwrite"]) == 2
         err = capsys.readouterr().err.strip()

@@ -285,14 +285,14 @@ def _rollout(model, tokenizer, name: str, out: Path, images: list[str] | None) -
                 raise ConfigError(f"--image {path} is not an image Pillow can read.") from None
             titles.append(Path(path).name)
         unit = proc.to_unit(pictures)
-    elif (proc.image_size, proc.channels) == (8, 1):
+    elif proc.channels == 1:  # a greyscale model: one held-out digit of each class, at the model's size
         from triform.data.images import DIGIT_WORDS, digits
 
         test = digits("test")
-        first = [int((test.labels == c).nonzero()[0]) for c in range(10)]  # one test image of each digit
-        unit, titles = test.images[first], [DIGIT_WORDS[c] for c in range(10)]
+        first = [int((test.labels == c).nonzero()[0]) for c in range(10)]
+        unit, titles = proc.to_unit(test.images[first]), [DIGIT_WORDS[c] for c in range(10)]
     else:
-        raise ConfigError("rollout needs --image FILE (repeatable) for a model that does not read 8×8 digits.")
+        raise ConfigError("rollout needs --image FILE (repeatable) for a colour model (the default digits are greyscale).")
     maps = attention_rollout(model, proc.normalize(unit))
     share = maps.flatten(1).sum(1)
     tower = type(model).__name__
@@ -404,7 +404,7 @@ def inspect(
             starts and capitals for others -- with chance and a shuffled-label control; an
             encoder-decoder's encoder stack; reads --data) or rollout (attention rollout of a ViT or
             CLIP image tower over the patches of --image files, by default one test digit of each
-            class for a digits model) or report (every analysis that applies,
+            class for a greyscale model) or report (every analysis that applies,
             tables and pictures in one self-contained page, OUT/report.html; patch only with
             --corrupt, --answer and --wrong).
         checkpoint: A triform checkpoint or run folder, a Hugging Face folder or a GGUF file.
