@@ -133,14 +133,18 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DecoderConfig:
         """Build a config from :meth:`to_dict` output, with a clear error on unknown or bad fields."""
-        if not isinstance(data, dict) or "stack" not in data:
-            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
-        try:
-            stack = StackConfig(**data["stack"])
-            rest = {k: v for k, v in data.items() if k != "stack"}
-            return cls(stack=stack, **rest)
-        except TypeError as exc:
-            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+        return _from_stack_dict(cls, data)
+
+
+def _from_stack_dict(cls: type, data: Any) -> Any:
+    """A family config (one composing a StackConfig under ``stack``) from its ``to_dict`` output, with a
+    clear error on unknown or bad fields."""
+    if not isinstance(data, dict) or "stack" not in data:
+        raise ConfigError("model config must be a JSON object with a 'stack' entry.")
+    try:
+        return cls(stack=StackConfig(**data["stack"]), **{k: v for k, v in data.items() if k != "stack"})
+    except TypeError as exc:
+        raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
 
 
 def _replace_family(cfg: Any, changes: dict[str, Any]) -> Any:
@@ -328,12 +332,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderConfig:
-        if not isinstance(data, dict) or "stack" not in data:
-            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
-        try:
-            return cls(stack=StackConfig(**data["stack"]), **{k: v for k, v in data.items() if k != "stack"})
-        except TypeError as exc:
-            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+        return _from_stack_dict(cls, data)
 
 
 def _bert(
@@ -546,12 +545,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
-        if not isinstance(data, dict) or "stack" not in data:
-            raise ConfigError("model config must be a JSON object with a 'stack' entry.")
-        try:
-            return cls(stack=StackConfig(**data["stack"]), **{k: v for k, v in data.items() if k != "stack"})
-        except TypeError as exc:
-            raise ConfigError(f"model config has an unknown or missing field ({exc}).") from None
+        return _from_stack_dict(cls, data)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,14 +12,15 @@ edge), never a normalised zero.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from triform.errors import ConfigError
-from triform.objectives.base import Batch, BatchRng, EpochOrder, mean_parts
+from triform.objectives.base import Batch, BatchRng
+from triform.objectives.finetune import _Finetune
 
 PadMode = Literal["zeros", "edge"]
 
@@ -40,12 +41,9 @@ def random_shift(images: Tensor, max_shift: int, gen: torch.Generator, *, pad: P
     return picked.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
 
 
-class _ImageEpochs:
-    """What both objectives share: images in [0, 1], an epoch order over them, the per-batch
-    augmentation and normalisation, and held-out batches from a validation subset."""
-
-    parts = ("loss",)
-    weights: dict[str, float] = {}
+class _ImageEpochs(_Finetune):
+    """What both objectives share: images in [0, 1] drawn in shuffled epochs (the fine-tuning
+    objectives' order, summary and saved state), the per-batch augmentation and normalisation."""
 
     def __init__(self, images: Tensor, normalize: Callable[[Tensor], Tensor], *, batch_size: int, max_shift: int,
                  pad: PadMode, eval_batch_size: int) -> None:
@@ -53,9 +51,9 @@ class _ImageEpochs:
             raise ConfigError(f"the augmentation shift must be a whole number of pixels >= 0, got {max_shift!r}.")
         if pad not in ("zeros", "edge"):
             raise ConfigError(f"the augmentation padding must be zeros or edge, got {pad!r}.")
+        super().__init__(len(images), batch_size)
         self.images, self.normalize = images, normalize
-        self.batch_size, self.max_shift, self.pad, self.eval_batch_size = batch_size, max_shift, pad, eval_batch_size
-        self.order = EpochOrder(len(images))
+        self.max_shift, self.pad, self.eval_batch_size = max_shift, pad, eval_batch_size
 
     def pixels(self, idx: list[int], rng: BatchRng | None) -> Tensor:
         """Normalised pixels (B, C, H, W) of the images at ``idx``, shifted when training (``rng``)."""
@@ -63,15 +61,6 @@ class _ImageEpochs:
         if rng is not None:
             unit = random_shift(unit, self.max_shift, rng.gen, pad=self.pad)
         return self.normalize(unit)
-
-    def summarize(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
-        return mean_parts(self, sums, counts)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order.load_state_dict(state)
 
 
 class ImageClassification(_ImageEpochs):
@@ -94,7 +83,7 @@ class ImageClassification(_ImageEpochs):
         self.labels, self.val_images, self.val_labels = labels, val_images, val_labels
 
     def batch(self, rng: BatchRng) -> Batch:
-        idx = self.order.take(self.batch_size, rng.py)
+        idx = self.take(rng)
         tensors = {"pixels": self.pixels(idx, rng), "y": self.labels[idx]}
         return Batch(tensors, self.counts(tensors))
 
@@ -203,7 +192,7 @@ class Contrastive(_ImageEpochs):
         return " ".join(out) if out else self.captions[i]
 
     def batch(self, rng: BatchRng) -> Batch:
-        idx = self.order.take(self.batch_size, rng.py)
+        idx = self.take(rng)
         if self.word_dropout > 0:
             tokens = self.texts([self._dropped(i, rng) for i in idx])
         else:
